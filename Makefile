@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine:  make demo  |  make test
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PKGS := espeak-ng libespeak-ng1 ffmpeg portaudio19-dev sox
+EXTRAS := train,mic,dev
+
+.PHONY: demo test test-all lint bench clean-venv apt
+
+# apt packages, only those missing; needs root (CI and these machines run as root) or sudo.
+apt:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "[setup] apt-get install$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt | apt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=68,<82" wheel
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+demo: apt $(STAMP)
+	$(PY) -m avatar_stream.engine.demo_frontends --out demo_out
+
+test: apt $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: apt $(STAMP)
+	$(PY) -m pytest -q -m "" --timeout 7200
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check engine export training tests demos pkg
+
+clean-venv:
+	rm -rf $(VENV)
