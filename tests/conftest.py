@@ -1,0 +1,57 @@
+"""Shared fixtures. Data that tests need is made here (espeak-ng speech, the scikit-image
+astronaut) or read from ../shared/data, which only development machines have."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (development media). Skips the test where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (development media; not part of a fresh clone)")
+    return SHARED_DATA
+
+
+def _espeak_wav(text: str, path: Path, voice: str = "en-us", rate: int = 160) -> Path:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.fail("espeak-ng is not installed: run `make test`, which installs it with apt")
+    subprocess.run([exe, "-v", voice, "-s", str(rate), "-w", str(path), text], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory) -> Path:
+    """A real speech recording made by espeak-ng (22.05 kHz mono wav, ~3 s)."""
+    d = tmp_path_factory.mktemp("speech")
+    return _espeak_wav("bin blue at f two now, place red with p nine again", d / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def make_speech(tmp_path_factory):
+    """Factory: ``make_speech(text, voice='en-us', rate=160) -> Path`` of an espeak-ng wav."""
+    d = tmp_path_factory.mktemp("speech_many")
+    counter = iter(range(10**6))
+
+    def make(text: str, voice: str = "en-us", rate: int = 160) -> Path:
+        return _espeak_wav(text, d / f"s{next(counter)}.wav", voice, rate)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """The scikit-image astronaut photo, RGB uint8 (512, 512, 3): a real face shipped by a package."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut())
