@@ -107,7 +107,8 @@ class ModelCard:
         return {f.name: _thawed(getattr(self, f.name)) for f in fields(self) if f.name != "source"}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        # Key order is meaningful: inputs/outputs are listed in graph order.
+        return json.dumps(self.to_dict())
 
     @property
     def input_names(self) -> tuple[str, ...]:

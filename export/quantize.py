@@ -1,0 +1,97 @@
+"""Lower-precision graphs: fp16 (GPU) and int8 static quantization (CPU).
+
+Both keep float32 inputs and outputs, so the runner interface and the engine are unchanged.
+Both leave the MFCC front-end of ``frame`` in float32: its power spectrum reaches ~1e5 for a
+full-scale window (beyond float16's 65504) and its log compresses values that 8 bits cannot
+resolve. The MFCC's nodes are found by the ``/mfcc/`` scope the exporter gives them.
+
+fp16: ``onnxruntime.transformers.float16`` (ships with onnxruntime; no extra package).
+int8: ``onnxruntime.quantization.quantize_static``, QDQ format (onnxruntime's CPU provider
+fuses QuantizeLinear/DequantizeLinear pairs into integer kernels), per-channel int8 weights,
+uint8 activations, calibrated on real inputs through ``RecordedReader``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+FRONTEND_SCOPE = "/mfcc/"
+CALIB_BATCH = 16
+
+
+def frontend_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the MFCC nodes (kept in float32)."""
+    return [n.name for n in model.graph.node if n.name.startswith(FRONTEND_SCOPE)]
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """float16 weights and activations, float32 I/O and MFCC."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True, node_block_list=frontend_nodes(model))
+
+
+class RecordedReader:
+    """onnxruntime CalibrationDataReader over recorded real inputs, ``CALIB_BATCH`` at a time."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor | np.ndarray], batch: int = CALIB_BATCH) -> None:
+        arrays = {k: np.ascontiguousarray(np.asarray(v), dtype=np.float32) for k, v in inputs.items()}
+        n = len(next(iter(arrays.values())))
+        self._batches = [{k: a[i : i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
+        self._pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= len(self._batches):
+            return None
+        self._pos += 1
+        return self._batches[self._pos - 1]
+
+    def rewind(self) -> None:
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def to_int8(model: onnx.ModelProto, calibration: dict[str, torch.Tensor] | None,
+            method: str = "percentile") -> onnx.ModelProto:
+    """Static int8 quantization calibrated on ``calibration`` (input name -> real inputs).
+
+    ``method``: ``minmax`` | ``percentile`` (99.999th, robust to rare peaks) | ``entropy``.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise ValueError("int8 quantization needs calibration inputs (recorded real inputs of the graph)")
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    reader = RecordedReader(calibration)
+    CalibrationDataReader.register(RecordedReader)
+    with tempfile.TemporaryDirectory(prefix="avatar-int8-") as tmp:
+        src, pre, dst = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        onnx.save(model, src)
+        # Shape inference + graph optimisation first, as onnxruntime recommends for QDQ.
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre), str(dst), reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=methods[method],
+            nodes_to_exclude=frontend_nodes(onnx.load(str(pre))),
+            extra_options={"CalibMovingAverage": False},
+        )
+        return onnx.load(str(dst))
