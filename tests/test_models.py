@@ -1,0 +1,320 @@
+"""Generator, config and checkpoints (DESIGN.md §2, §4): shapes, receptive field, round trips."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from avatar_stream.training.checkpoint import (
+    CheckpointError,
+    build_model_from_checkpoint,
+    load_checkpoint,
+    load_optimizer_states,
+    save_checkpoint,
+)
+from avatar_stream.training.config import ModelConfig
+from avatar_stream.training.losses import TotalLoss
+from avatar_stream.training.models import AUClassifier, TalkingHead, parameter_counts
+from avatar_stream.training.modules import Audio2AU, AudioEncoder, IdentityEncoder, ImageDecoder, build_fusion
+from safetensors.torch import save_file
+
+VARIANTS = [("tcsan", "feature_tokens"), ("tcsan", "time"), ("tcn", "feature_tokens"),
+            ("mhatt_tcn", "feature_tokens"), ("coatt_tcn", "feature_tokens"), ("gru", "feature_tokens")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads
+    that spin against other processes make a step 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _settle_bn(model: torch.nn.Module, *args) -> None:
+    """One train-mode pass so BatchNorm running stats differ from their initial values."""
+    model.train()
+    with torch.no_grad():
+        model(*args)
+    model.eval()
+
+
+# -- config ---------------------------------------------------------------------------------
+
+def test_config_paper_defaults_and_derived_sizes():
+    cfg = ModelConfig()
+    assert (cfg.f_id, cfg.f_a, cfg.au_dim, cfg.n_au) == (512, 512, 64, 5)
+    assert (cfg.n_mfcc, cfg.mfcc_frames, cfg.image_size) == (12, 28, 112)
+    assert cfg.dilations == (1, 2, 4)
+    assert cfg.lookahead_frames == 7 and cfg.receptive_field == 15
+    assert cfg.frame_feature_dim == 512 + 5 * 64 == 832
+    assert cfg.fusion_input_dim == 1344  # f_id ⊕ f_a ⊕ f_au, paper §3.1
+    assert (cfg.w_rec, cfg.w_id, cfg.w_per, cfg.w_au) == (1.5, 1.5, 0.07, 0.02)
+    assert ModelConfig(audio2au=False).frame_feature_dim == 512
+    assert ModelConfig(tcsan_levels=2).lookahead_frames == 3
+    assert ModelConfig(tcsan_kernel=5).lookahead_frames == 14
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = ModelConfig.tiny(fusion="coatt_tcn", attention="time", w_per=0.0)
+    again = ModelConfig.from_json(cfg.to_json())
+    assert again == cfg and isinstance(again.au_names, tuple)
+    assert json.loads(cfg.to_json())["au_names"] == list(cfg.au_names)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        ModelConfig(fusion="lstm")
+    with pytest.raises(ValueError, match="tcsan_kernel must be odd"):
+        ModelConfig(tcsan_kernel=4)
+    with pytest.raises(ValueError, match="divisible by tcsan_heads"):
+        ModelConfig(tcsan_hidden=96, tcsan_tokens=8, tcsan_heads=5)
+    with pytest.raises(ValueError, match="w_au must be >= 0"):
+        ModelConfig(w_au=-1)
+    with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="newer than this avatar-stream"):
+        ModelConfig.from_dict({**cfg.to_dict(), "config_version": 99})
+
+
+# -- shapes ---------------------------------------------------------------------------------
+
+def test_module_shapes_at_paper_width():
+    cfg = ModelConfig()
+    torch.manual_seed(0)
+    face = torch.rand(2, 3, 112, 112)
+    mfcc = torch.randn(2, 1, 12, 28)
+    with torch.no_grad():
+        enc = IdentityEncoder(cfg).eval()
+        f_id, skips = enc(face)
+        assert f_id.shape == (2, 512)
+        assert [tuple(s.shape) for s in skips] == [(2, 64, 56, 56), (2, 128, 28, 28), (2, 256, 14, 14), (2, 512, 7, 7)]
+        assert AudioEncoder(cfg).eval()(mfcc).shape == (2, 512)
+        a2au = Audio2AU(cfg).eval()
+        assert a2au.features(mfcc).shape == (2, 64) and a2au(mfcc).shape == (2,)
+        ft = build_fusion(cfg).eval()(torch.randn(2, 3 + 14, 1344))
+        assert ft.shape == (2, 3, 512)
+        frames = ImageDecoder(cfg, enc.channels).eval()(torch.randn(2, 512), skips)
+        assert frames.shape == (2, 3, 112, 112) and frames.min() >= 0 and frames.max() <= 1
+        clf = AUClassifier(cfg).eval()
+        lower = clf.lower_half(torch.rand(2, 4, 3, 112, 112))
+        assert lower.shape == (8, 3, 56, 112) and clf(lower).shape == (8, 5)
+        model = TalkingHead(cfg).eval()
+        out = model.generate(face, torch.randn(2, 2 + 14, 12, 28))
+        assert out.frames.shape == (2, 2, 3, 112, 112) and out.au_logits.shape == (2, 16, 5)
+
+
+def test_parameter_counts_per_module():
+    """Run with -s to see the table (reported in the task report)."""
+    for name, cfg in (("paper", ModelConfig()), ("tiny", ModelConfig.tiny())):
+        counts = parameter_counts(TalkingHead(cfg))
+        clf = parameter_counts(AUClassifier(cfg))["total"]
+        print(f"\n[{name} width={cfg.width}] " + ", ".join(f"{k}={v:,}" for k, v in counts.items())
+              + f"; au_classifier={clf:,}")
+        parts = ["identity_encoder", "audio_encoder", "audio2au", "fusion", "decoder"]
+        assert sum(counts[p] for p in parts) == counts["total"]
+        assert sum(counts[f"audio2au.{au}"] for au in cfg.au_names) == counts["audio2au"]
+        assert all(counts[p] > 0 for p in parts)
+    paper, tiny = parameter_counts(TalkingHead(ModelConfig())), parameter_counts(TalkingHead(ModelConfig.tiny()))
+    assert paper["total"] > 20 * tiny["total"]  # width really scales the model
+
+
+@pytest.mark.parametrize("fusion,attention", VARIANTS)
+def test_every_fusion_variant_runs_end_to_end(fusion, attention):
+    cfg = ModelConfig.tiny(fusion=fusion, attention=attention)
+    model = TalkingHead(cfg).eval()
+    with torch.no_grad():
+        frames = model(torch.rand(2, 3, 112, 112), torch.randn(2, 3 + 2 * cfg.lookahead_frames, 12, 28))
+    assert frames.shape == (2, 3, 3, 112, 112)
+
+
+def test_audio2au_off_has_no_au_branch():
+    cfg = ModelConfig.tiny(audio2au=False)
+    model = TalkingHead(cfg).eval()
+    assert not any(k.startswith("audio2au") for k in model.state_dict())
+    with torch.no_grad():
+        feat, au = model.frame_features(torch.randn(3, 12, 28))
+        assert feat.shape == (3, cfg.f_a) and au is None
+        out = model.generate(torch.rand(1, 3, 112, 112), torch.randn(1, 15, 12, 28))
+    assert out.frames.shape == (1, 1, 3, 112, 112) and out.au_logits is None
+
+
+def test_decode_needs_the_receptive_field():
+    cfg = ModelConfig.tiny()
+    model = TalkingHead(cfg).eval()
+    f_id, skips = model.encode_identity(torch.rand(1, 3, 112, 112))
+    with pytest.raises(ValueError, match="at least 2R\\+1 = 15 frames"):
+        model.decode(torch.randn(1, 14, cfg.frame_feature_dim), f_id, skips)
+
+
+# -- temporal context -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fusion,attention", VARIANTS)
+def test_receptive_field_is_exactly_k_minus_r_to_k_plus_r(fusion, attention):
+    """Output t (frame k = t + R) changes iff an input frame in t .. t+2R changes."""
+    cfg = ModelConfig.tiny(fusion=fusion, attention=attention)
+    r, t_out = cfg.lookahead_frames, 4
+    torch.manual_seed(1)
+    fusion_net = build_fusion(cfg).eval()
+    x = torch.randn(2, t_out + 2 * r, cfg.fusion_input_dim)
+    with torch.no_grad():
+        base = fusion_net(x)
+        assert base.shape == (2, t_out, cfg.tcsan_hidden)
+        for j in range(x.shape[1]):
+            xj = x.clone()
+            xj[:, j] = torch.randn(2, cfg.fusion_input_dim)
+            diff = (fusion_net(xj) - base).abs().amax(dim=(0, 2))  # per output frame
+            for t in range(t_out):
+                if t <= j <= t + 2 * r:
+                    assert diff[t] > 1e-4, f"output {t} ignores input {j} inside its window"
+                else:
+                    assert diff[t] <= 1e-6, f"output {t} depends on input {j} outside its window"
+
+
+def test_single_frame_decode_equals_clip_decode():
+    """The streaming call (2R+1 frames -> 1 frame) reproduces every frame of the clip call."""
+    cfg = ModelConfig.tiny()
+    r = cfg.lookahead_frames
+    torch.manual_seed(2)
+    model = TalkingHead(cfg)
+    face, mfcc = torch.rand(2, 3, 112, 112), torch.randn(2, 5 + 2 * r, 12, 28)
+    _settle_bn(model, face, mfcc)
+    with torch.no_grad():
+        f_id, skips = model.encode_identity(face)
+        feat, _ = model.frame_features(mfcc.reshape(-1, 12, 28))
+        feats = feat.reshape(2, -1, cfg.frame_feature_dim)
+        clip = model.decode(feats, f_id, skips)
+        for t in range(5):
+            one = model.decode(feats[:, t : t + 2 * r + 1], f_id, skips)
+            assert one.shape == (2, 1, 3, 112, 112)
+            torch.testing.assert_close(one[:, 0], clip[:, t], atol=1e-5, rtol=0)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    cfg = ModelConfig.tiny(fusion="tcsan", attention="time")
+    torch.manual_seed(3)
+    model, clf = TalkingHead(cfg), AUClassifier(cfg)
+    face, mfcc = torch.rand(1, 3, 112, 112), torch.randn(1, 2 + 14, 12, 28)
+    _settle_bn(model, face, mfcc)
+    stem = tmp_path / "run" / "step10"
+    path = save_checkpoint(stem, {"generator": model.state_dict(), "au_classifier": clf.state_dict()},
+                           cfg, extra={"step": 10, "epoch": 1, "val": {"psnr": 21.5}})
+    assert path == stem.with_name("step10.safetensors") and stem.with_name("step10.json").is_file()
+    card = json.loads(stem.with_name("step10.json").read_text())
+    assert card["config"] == cfg.to_dict() and card["modules"] == ["au_classifier", "generator"]
+
+    cfg2, states, extra = load_checkpoint(path)
+    assert cfg2 == cfg and extra == {"step": 10, "epoch": 1, "val": {"psnr": 21.5}}
+    rebuilt = build_model_from_checkpoint(stem.with_name("step10.json"))
+    clf2 = AUClassifier(cfg2)
+    clf2.load_state_dict(states["au_classifier"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(face, mfcc), model(face, mfcc))
+        lower = torch.rand(3, 3, 56, 112)
+        assert torch.equal(clf2.eval()(lower), clf.eval()(lower))
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(4)
+    model = TalkingHead(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    face, mfcc = torch.rand(1, 3, 112, 112), torch.randn(1, 16, 12, 28)
+
+    def step(m, o):
+        o.zero_grad()
+        m(face, mfcc).mean().backward()
+        o.step()
+
+    for _ in range(2):
+        step(model, opt)
+    save_checkpoint(tmp_path / "ck", {"generator": model.state_dict()}, cfg, {"step": 2}, {"adam": opt.state_dict()})
+    blob = (tmp_path / "ck.optim.safetensors").read_bytes()
+    assert b"pickle" not in blob.lower()
+    restored = load_optimizer_states(tmp_path / "ck")["adam"]
+    orig = opt.state_dict()
+    assert restored["param_groups"] == orig["param_groups"]  # tuples (betas) and int ids survive
+    assert restored["state"].keys() == orig["state"].keys()
+    for pid, st in orig["state"].items():
+        for key, val in st.items():
+            assert torch.equal(restored["state"][pid][key], val), (pid, key)
+
+    # A resumed run continues exactly like the uninterrupted one.
+    model2 = build_model_from_checkpoint(tmp_path / "ck").train()
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    opt2.load_state_dict(restored)
+    model.train()
+    torch.manual_seed(5)
+    step(model, opt)
+    torch.manual_seed(5)
+    step(model2, opt2)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist: check the path"):
+        load_checkpoint(tmp_path / "nothing.safetensors")
+    cfg = ModelConfig.tiny()
+    sd = {"generator/w": torch.zeros(2)}
+    save_file(sd, str(tmp_path / "newer.safetensors"),
+              metadata={"format": "avatar-stream-checkpoint", "format_version": "99", "config": cfg.to_json()})
+    with pytest.raises(CheckpointError, match="format version 99, newer than .* upgrade avatar-stream"):
+        load_checkpoint(tmp_path / "newer")
+    future_cfg = json.dumps({**cfg.to_dict(), "config_version": 7})
+    save_file(sd, str(tmp_path / "futurecfg.safetensors"),
+              metadata={"format": "avatar-stream-checkpoint", "format_version": "1", "config": future_cfg})
+    with pytest.raises(CheckpointError, match="bad model config: ModelConfig version 7 is newer"):
+        load_checkpoint(tmp_path / "futurecfg")
+    save_file(sd, str(tmp_path / "alien.safetensors"))
+    with pytest.raises(CheckpointError, match="not an avatar-stream checkpoint"):
+        load_checkpoint(tmp_path / "alien")
+    save_checkpoint(tmp_path / "two", {"a": {"x": torch.zeros(1)}, "b": {"y": torch.zeros(1)}}, cfg)
+    with pytest.raises(CheckpointError, match="no module None .* holds \\['a', 'b'\\]"):
+        build_model_from_checkpoint(tmp_path / "two")
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        save_checkpoint(tmp_path / "bad", {"x": torch.zeros(1)}, cfg, extra={"when": object()})
+
+
+# -- learning -------------------------------------------------------------------------------
+
+def _tiny_clip(astronaut: np.ndarray, t: int, r: int):
+    """The astronaut's face as identity; targets darken a mouth box by a per-frame amount."""
+    face = cv2.resize(astronaut[20:240, 140:360], (112, 112), interpolation=cv2.INTER_AREA)
+    ident = torch.from_numpy(face).permute(2, 0, 1).float().div(255).unsqueeze(0)  # (1, 3, 112, 112)
+    amount = torch.linspace(0.0, 0.8, t)
+    frames = ident.unsqueeze(1).repeat(1, t, 1, 1, 1)
+    frames[:, :, :, 74:96, 36:76] *= (1 - amount).view(1, t, 1, 1, 1)
+    gen = torch.Generator().manual_seed(6)
+    mfcc = torch.randn(1, t + 2 * r, 12, 28, generator=gen)
+    au_target = (amount.view(1, t, 1) > torch.tensor([0.1, 0.3, 0.5, 0.2, 0.6])).float()
+    return ident, frames, mfcc, au_target
+
+
+def test_full_model_overfits_a_tiny_clip(astronaut):
+    cfg = ModelConfig.tiny(w_per=0.0)  # VGG-19 at 112 px costs seconds per CPU step; tested in test_losses
+    torch.manual_seed(7)
+    model, clf = TalkingHead(cfg), AUClassifier(cfg)
+    loss_fn = TotalLoss(cfg, au_rates=[0.6, 0.4, 0.3, 0.5, 0.2])
+    ident, frames, mfcc, au_target = _tiny_clip(astronaut, 4, cfg.lookahead_frames)
+    opt = torch.optim.Adam([*model.parameters(), *clf.parameters()], lr=1e-3, betas=(0.5, 0.999))
+    start, t0, max_steps = None, time.perf_counter(), 300
+    for step in range(1, max_steps + 1):
+        pred = model(ident, mfcc)
+        au_logits = clf(clf.lower_half(pred)).reshape(1, 4, cfg.n_au)
+        parts = loss_fn(pred, frames, ident, au_logits, au_target)
+        opt.zero_grad()
+        parts["total"].backward()
+        opt.step()
+        loss, steps = parts["total"].item(), step
+        start = loss if start is None else start
+        if loss < 0.3 * start:
+            break
+    secs = time.perf_counter() - t0
+    print(f"\n[overfit] start {start:.4f} -> {loss:.4f} ({loss / start:.1%}) in {steps} steps, {secs:.1f} s")
+    assert loss < 0.3 * start, f"loss only fell to {loss / start:.1%} of its start in {max_steps} steps"
+    assert set(parts) == {"rec", "id", "au", "total"}
