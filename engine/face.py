@@ -30,6 +30,7 @@ __all__ = [
     "AlignedFace",
     "FaceAligner",
     "FaceError",
+    "MIRROR_68",
     "MultipleFacesWarning",
     "apply_transform",
     "canonical_template",
@@ -467,9 +468,11 @@ def paste_back(
         mask, to_roi, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
     roi = out[y0:y1, x0:x1]
-    a = alpha[:, :, None]
-    blend = np.rint(roi.astype(np.float32) * (1.0 - a) + face.astype(np.float32) * a).astype(np.uint8)
-    roi[...] = np.where(a > 0, blend, roi)
+    # roi + (face - roi) * alpha in float32, rounded once. Where alpha is 0 the sum is roi
+    # exactly, so those pixels come back bit-identical (tests check it). OpenCV does this
+    # about twice as fast as the same numpy expression (it matters at 1080p, per frame).
+    diff = cv2.subtract(face, roi, dtype=cv2.CV_32F)
+    roi[...] = cv2.add(roi, cv2.multiply(diff, cv2.merge([alpha, alpha, alpha])), dtype=cv2.CV_8U)
     return out
 
 

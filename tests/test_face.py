@@ -17,6 +17,7 @@ from avatar_stream.engine.face import (
     ALIGN_POINTS,
     CANONICAL_LANDMARKS_112,
     CROP_SIZE,
+    MIRROR_68,
     TEMPLATE_CHIN_Y,
     TEMPLATE_EYE_Y,
     FaceAligner,
@@ -87,6 +88,9 @@ def test_template_layout():
     assert abs(t[36:48, 1].mean() - TEMPLATE_EYE_Y) < 0.01 and abs(t[8, 1] - TEMPLATE_CHIN_Y) < 0.01
     assert 40 <= TEMPLATE_EYE_Y <= 46 and 94 <= TEMPLATE_CHIN_Y <= 100
     assert t[:, 0].min() > 8 and t[:, 0].max() < CROP_SIZE - 8 and t[:, 1].min() > 8 and t[:, 1].max() < 106
+    # Mirror-symmetric about the middle column; MIRROR_68 is an involution.
+    assert sorted(MIRROR_68) == list(range(68)) and all(MIRROR_68[MIRROR_68[i]] == i for i in range(68))
+    np.testing.assert_allclose(t[list(MIRROR_68)] * [-1, 1] + [CROP_SIZE - 1, 0], t, atol=0.011)
     # The AU classifier reads rows 56:112: mouth and jaw must be in there.
     assert t[48:68, 1].min() > 56 and t[4:13, 1].min() > 56
 
