@@ -1,0 +1,238 @@
+"""``avatar-train``: dataset preparation, the training stages and evaluation.
+
+    avatar-train prepare grid ROOT --out DATA [--openface DIR] [--split-file F] [--workers N]
+    avatar-train prepare tcd-timit ROOT --out DATA ...
+    avatar-train pretrain-au --data DATA --out RUN_AU
+    avatar-train pretrain-au-classifier --data DATA --out RUN_CLF
+    avatar-train train --data DATA --out RUN --audio2au RUN_AU/best.safetensors \\
+        --au-classifier RUN_CLF/best.safetensors --vgg-weights vgg19-dcbb9e9d.pth
+    avatar-train eval --data DATA --checkpoint RUN/best.safetensors [--json RUN/eval.json]
+
+Multi-process: ``torchrun --nproc_per_node N -m avatar_stream.training.cli train ...`` (gloo on
+CPU, NCCL on GPUs). argv is parsed here only; the stages take frozen option dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+# A one-line "UserWarning: ..." with no source line is what a user should see.
+warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (the same flags for every stage of one model)")
+    g.add_argument("--tiny", action="store_true", help="small test/smoke model (ModelConfig.tiny())")
+    g.add_argument("--width", type=float, help="internal channel multiplier (default 1.0, tiny 0.125)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any ModelConfig field, e.g. --set fusion=tcn --set tcsan_levels=2 (repeatable)")
+
+
+def _loop_args(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
+    g = p.add_argument_group("loop")
+    g.add_argument("--data", type=Path, required=True, help="prepared shards (avatar-train prepare --out)")
+    g.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.jsonl, tb/)")
+    g.add_argument("--batch", type=int, default=batch, help=f"batch per process (default {batch})")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs}; --steps wins)")
+    g.add_argument("--steps", type=int, help="optimizer steps in total (overrides --epochs)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints + validation")
+    g.add_argument("--image-every", type=int, default=500, help="steps between TensorBoard image grids")
+    g.add_argument("--val-batches", type=int, default=16, help="validation batches per checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string, e.g. fusion=tcn
+
+
+def model_config(args):
+    from .config import ModelConfig
+
+    over = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE (e.g. --set tcsan_levels=2)")
+        over[key.strip()] = _parse_value(value.strip())
+    if args.width is not None:
+        over["width"] = args.width
+    base = ModelConfig.tiny().to_dict() if args.tiny else ModelConfig().to_dict()
+    base.update(over)
+    return ModelConfig.from_dict(base)
+
+
+def _loop_options(args):
+    from .loop import LoopOptions
+
+    for name in ("batch", "ckpt_every", "log_every", "image_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return LoopOptions(out=args.out, batch=args.batch, epochs=args.epochs, steps=args.steps, seed=args.seed,
+                       workers=args.workers, log_every=args.log_every, ckpt_every=args.ckpt_every,
+                       image_every=args.image_every, val_batches=args.val_batches, resume=args.resume,
+                       progress=not args.no_progress)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_prepare(args) -> int:
+    from .prepare import prepare
+
+    report = prepare(args.corpus, args.root, args.out, openface=args.openface, split_file=args.split_file,
+                     workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.no_progress)
+    print(f"{args.out}: {report.summary()}")
+    if report.skipped:
+        print(f"skipped clips and reasons: {Path(args.out) / 'skipped.json'}")
+    return 0
+
+
+def _run_stage(args, fn, opts) -> int:
+    from .ddp import init_distributed, shutdown
+
+    info = init_distributed(args.device)
+    try:
+        state = fn(model_config(args), opts, _loop_options(args), info)
+    finally:
+        shutdown(info)
+    if info.main:
+        best = "none" if state["best"] == float("inf") else f"{state['best']:.5f}"
+        print(f"{args.command}: {state['step']} steps, best validation loss {best}; checkpoints in {args.out}")
+    return 0
+
+
+def cmd_pretrain_au(args) -> int:
+    from .stages import PretrainOptions, pretrain_au
+
+    return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr))
+
+
+def cmd_pretrain_au_classifier(args) -> int:
+    from .stages import PretrainOptions, pretrain_au_classifier
+
+    return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr))
+
+
+def cmd_train(args) -> int:
+    from .stages import TrainOptions, train
+
+    if args.no_vgg:
+        args.set.append("w_per=0")
+    opts = TrainOptions(data=args.data, clip_len=args.clip_len, lr=args.lr, lr_audio2au=args.lr_audio2au,
+                        lr_au_classifier=args.lr_au_classifier, audio2au=args.audio2au,
+                        au_classifier=args.au_classifier, vgg_weights=args.vgg_weights)
+    return _run_stage(args, train, opts)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import EvalOptions, evaluate, format_tables
+
+    res = evaluate(EvalOptions(data=args.data, checkpoint=args.checkpoint, split=args.split,
+                               au_classifier=args.au_classifier, max_clips=args.max_clips,
+                               face_metrics=not args.no_face_metrics, face_every=args.face_every,
+                               device="cuda" if args.device == "auto" and _cuda() else
+                               ("cpu" if args.device == "auto" else args.device),
+                               progress=not args.no_progress))
+    print(format_tables(res))
+    out = args.json or Path(args.checkpoint).with_name(Path(args.checkpoint).name.split(".")[0] + ".eval.json")
+    from .data import write_json
+
+    write_json(out, res)
+    print(f"metrics written to {out}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avatar-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare", help="videos -> dataset shards")
+    prep.add_argument("corpus", choices=["grid", "tcd-timit"])
+    prep.add_argument("root", type=Path, help="corpus root as distributed (see docs/training.md)")
+    prep.add_argument("--out", type=Path, required=True, help="output folder for the shards")
+    prep.add_argument("--openface", type=Path, help="folder of OpenFace CSVs, one per clip (AU labels)")
+    prep.add_argument("--split-file", type=Path, help='JSON {"train": [...], "test": [...]} of speakers')
+    prep.add_argument("--workers", type=int, default=1, help="processes (face alignment is the cost)")
+    prep.add_argument("--retry-skipped", action="store_true", help="retry clips listed in OUT/skipped.json")
+    prep.add_argument("--no-progress", action="store_true")
+    prep.set_defaults(func=cmd_prepare)
+
+    for name, func, help_ in (("pretrain-au", cmd_pretrain_au, "pretrain Audio2AU (MFCC -> AU occurrence)"),
+                              ("pretrain-au-classifier", cmd_pretrain_au_classifier,
+                               "pretrain the AU classifier (lower-face crops -> AU occurrence)")):
+        s = sub.add_parser(name, help=help_)
+        _loop_args(s, epochs=10, batch=32)
+        _model_args(s)
+        s.add_argument("--lr", type=float, default=1e-3)
+        s.set_defaults(func=func)
+
+    t = sub.add_parser("train", help="train the full model")
+    _loop_args(t, epochs=20, batch=8)
+    _model_args(t)
+    t.add_argument("--clip-len", type=int, default=8, help="target frames per sample (context added)")
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--lr-audio2au", type=float, default=1e-6)
+    t.add_argument("--lr-au-classifier", type=float, default=1e-7)
+    t.add_argument("--audio2au", type=Path, help="pretrain-au checkpoint (RUN_AU/best.safetensors)")
+    t.add_argument("--au-classifier", type=Path, help="pretrain-au-classifier checkpoint (enables L_au)")
+    vgg = t.add_mutually_exclusive_group()
+    vgg.add_argument("--vgg-weights", type=Path, help="torchvision VGG-19 ImageNet weights (vgg19-dcbb9e9d.pth)")
+    vgg.add_argument("--no-vgg", action="store_true", help="train without L_per")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="score a checkpoint (paper tables 5 and 6) and write JSON")
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--checkpoint", type=Path, required=True)
+    e.add_argument("--split", default="test", choices=["train", "test", "all"])
+    e.add_argument("--au-classifier", type=Path, help="AU classifier checkpoint (default: the one in --checkpoint)")
+    e.add_argument("--json", type=Path, help="where to write the metrics (default: next to the checkpoint)")
+    e.add_argument("--max-clips", type=int)
+    e.add_argument("--no-face-metrics", action="store_true", help="skip LMD and identity similarity")
+    e.add_argument("--face-every", type=int, default=1, help="LMD / identity on every N-th frame")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from avatar_stream.engine.face import FaceError
+
+    from .checkpoint import CheckpointError
+    from .data import ShardError
+    from .losses import WeightsNotFoundError
+
+    try:
+        return args.func(args)
+    except (ShardError, CheckpointError, WeightsNotFoundError, FaceError, FileNotFoundError, ValueError,
+            RuntimeError) as e:
+        if args.traceback or os.environ.get("AVATAR_TRACEBACK"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"avatar-train {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

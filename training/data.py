@@ -1,0 +1,405 @@
+"""Dataset shards (docs/interfaces.md) and the datasets the training stages read.
+
+Layout::
+
+    ROOT/clips/<speaker>/<utterance>.npz   frames, audio, identity, au, au_label (no pickles)
+    ROOT/index.json                        {"version": 1, "clips": [{path, speaker, voice, identity, frames}]}
+    ROOT/split.json                        {"train": [speaker...], "test": [speaker...]}
+    ROOT/cache/mfcc-<fingerprint>/...      MFCC windows per clip (derived; safe to delete)
+
+``write_clip`` is the one writer: every clip is written to a temporary file and renamed into
+place, and index.json is updated under a file lock, so several processes may write to one ROOT
+and an interrupted run leaves only whole clips behind.
+
+Label convention: ``au`` is NaN where the AU intensity of a frame is unknown (no OpenFace
+track); such frames are excluded from AU losses and metrics, whatever their ``au_label``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from avatar_stream.engine.timebase import AU_NAMES, SAMPLES_PER_FRAME
+from torch.utils.data import Dataset
+
+INDEX_VERSION = 1
+CROP = 112
+N_AU = len(AU_NAMES)
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class ShardError(ValueError):
+    """A dataset root that cannot be read or written as asked (one-line message)."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def clip_relpath(speaker: str, utt: str) -> str:
+    return f"clips/{speaker}/{utt}.npz"
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _SAFE.match(name):
+        raise ShardError(f"{kind} name {name!r} is not a safe file name: use letters, digits, '.', '_', '-'")
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+_FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; shards should be readable like any file
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+@contextmanager
+def _index_lock(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".index.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _validate_clip(frames, audio, identity, au, au_label):
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (CROP, CROP, 3) or len(frames) == 0:
+        raise ShardError(f"frames must be uint8 (T, {CROP}, {CROP}, 3) with T >= 1, got {frames.dtype} {frames.shape}")
+    t = len(frames)
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.shape != (t * SAMPLES_PER_FRAME,):
+        raise ShardError(f"audio must have exactly T*{SAMPLES_PER_FRAME} = {t * SAMPLES_PER_FRAME} samples "
+                         f"for {t} frames, got shape {audio.shape}: trim or pad it first")
+    identity = np.asarray(identity)
+    if identity.dtype != np.uint8 or identity.shape != (CROP, CROP, 3):
+        raise ShardError(f"identity must be uint8 ({CROP}, {CROP}, 3), got {identity.dtype} {identity.shape}")
+    au = np.full((t, N_AU), np.nan, np.float32) if au is None else np.asarray(au, dtype=np.float32)
+    if au.shape != (t, N_AU):
+        raise ShardError(f"au must be (T, {N_AU}) = ({t}, {N_AU}), got {au.shape}")
+    if au_label is None:
+        # OpenFace calls an AU present from intensity 1 of 5 on.
+        au_label = np.nan_to_num(au, nan=0.0) >= 0.2
+    au_label = np.asarray(au_label).astype(np.uint8)
+    if au_label.shape != (t, N_AU):
+        raise ShardError(f"au_label must be (T, {N_AU}) = ({t}, {N_AU}), got {au_label.shape}")
+    return frames, audio, identity, au, au_label
+
+
+def write_clip(root, speaker: str, utt: str, frames, audio, identity, au=None, au_label=None,
+               voice: str | None = None, identity_name: str | None = None) -> dict:
+    """Write one clip to ``ROOT/clips/<speaker>/<utt>.npz`` and record it in ``ROOT/index.json``.
+
+    ``frames`` uint8 (T, 112, 112, 3); ``audio`` float32 (T * 640,) at 16 kHz; ``identity`` uint8
+    (112, 112, 3); ``au`` float32 (T, 5) in [0, 1] or None (unknown: NaN); ``au_label`` uint8
+    (T, 5) or None (derived from ``au`` >= 0.2). ``voice`` and ``identity_name`` name the voice
+    and the face (default: the speaker). Returns the index entry. Rewriting a clip replaces it."""
+    root = Path(root)
+    _check_name("speaker", speaker)
+    _check_name("utterance", utt)
+    frames, audio, identity, au, au_label = _validate_clip(frames, audio, identity, au, au_label)
+    rel = clip_relpath(speaker, utt)
+    _atomic_write(root / rel, lambda f: np.savez(f, frames=frames, audio=audio, identity=identity,
+                                                 au=au, au_label=au_label))
+    entry = {"path": rel, "speaker": speaker, "voice": voice or speaker,
+             "identity": identity_name or speaker, "frames": int(len(frames))}
+    with _index_lock(root):
+        clips = [c for c in _read_index_file(root) if c["path"] != rel]
+        clips.append(entry)
+        clips.sort(key=lambda c: c["path"])
+        write_json(root / "index.json", {"version": INDEX_VERSION, "clips": clips})
+    return entry
+
+
+def _read_index_file(root: Path) -> list[dict]:
+    path = root / "index.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if data.get("version") != INDEX_VERSION:
+        raise ShardError(f"{path} has version {data.get('version')}, this reader knows {INDEX_VERSION}: re-run prepare")
+    return data["clips"]
+
+
+def read_index(root) -> list[dict]:
+    """Index entries of ROOT (sorted by path)."""
+    root = Path(root)
+    if not (root / "index.json").exists():
+        raise ShardError(f"{root} has no index.json: run `avatar-train prepare ... --out {root}` first")
+    return _read_index_file(root)
+
+
+def write_split(root, train: list[str], test: list[str]) -> None:
+    overlap = set(train) & set(test)
+    if overlap:
+        raise ShardError(f"speakers in both train and test: {sorted(overlap)}")
+    write_json(Path(root) / "split.json", {"train": sorted(train), "test": sorted(test)})
+
+
+def read_split(root) -> dict[str, list[str]]:
+    path = Path(root) / "split.json"
+    if not path.exists():
+        raise ShardError(f"{path} is missing: run prepare, or write {{\"train\": [...], \"test\": [...]}} there")
+    data = json.loads(path.read_text())
+    return {"train": list(data.get("train", [])), "test": list(data.get("test", []))}
+
+
+def split_entries(root, split: str) -> list[dict]:
+    """Index entries of ``split`` ("train", "test" or "all")."""
+    entries = read_index(root)
+    if split == "all":
+        return entries
+    if split not in ("train", "test"):
+        raise ShardError(f"unknown split {split!r}: use train, test or all")
+    speakers = set(read_split(root)[split])
+    return [e for e in entries if e["speaker"] in speakers]
+
+
+def load_clip(root, entry: dict, keys=("frames", "audio", "identity", "au", "au_label")) -> dict:
+    """Arrays of one clip (only ``keys`` are read: npz members load lazily)."""
+    path = Path(root) / entry["path"]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, ValueError, KeyError) as e:
+        raise ShardError(f"cannot read {path} ({e}): delete it and re-run prepare to rewrite it") from e
+
+
+# ----------------------------------------------------------------------------- MFCC cache
+
+
+class MFCCCache:
+    """MFCC windows ``(T, 12, 28)`` per clip, computed once with training/mfcc.py and kept on
+    disk under ``ROOT/cache/mfcc-<fingerprint>`` (the fingerprint changes with the MFCC
+    definition, so a stale cache is never read) and in memory. A read-only ROOT disables the
+    disk cache silently (memory only)."""
+
+    def __init__(self, root, memory_items: int = 256):
+        from avatar_stream.training.mfcc import mfcc_windows
+
+        self._mfcc = mfcc_windows
+        self.root = Path(root)
+        self.dir = self.root / "cache" / f"mfcc-{self._fingerprint()}"
+        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memory_items = memory_items
+
+    def _fingerprint(self) -> str:
+        # The MFCC of a fixed chirp: any change of the definition changes the hash.
+        t = np.arange(4 * SAMPLES_PER_FRAME, dtype=np.float64) / 16000.0
+        x = (0.5 * np.sin(2 * np.pi * (200 + 2000 * t) * t)).astype(np.float32)
+        m = np.asarray(self._mfcc(x), dtype=np.float32)
+        return hashlib.sha1(np.round(m, 3).tobytes()).hexdigest()[:10]
+
+    def get(self, entry: dict, audio: np.ndarray | None = None) -> np.ndarray:
+        key = entry["path"]
+        if key in self._mem:
+            self._mem.move_to_end(key)
+            return self._mem[key]
+        path = self.dir / (key[: -len(".npz")] + ".npy")
+        m = None
+        if path.exists():
+            try:
+                m = np.load(path, allow_pickle=False)
+            except (OSError, ValueError):
+                m = None  # a damaged cache file is recomputed
+            if m is not None and m.shape[0] != entry["frames"]:
+                m = None
+        if m is None:
+            if audio is None:
+                audio = load_clip(self.root, entry, ("audio",))["audio"]
+            with torch.no_grad():
+                m = np.asarray(self._mfcc(audio), dtype=np.float32)
+            try:
+                _atomic_write(path, lambda f: np.save(f, m))
+            except OSError:
+                pass  # read-only dataset: memory cache only
+        self._mem[key] = m
+        if len(self._mem) > self._memory_items:
+            self._mem.popitem(last=False)
+        return m
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class ClipSample(NamedTuple):
+    identity: torch.Tensor  # (3, 112, 112) float [0, 1]
+    mfcc: torch.Tensor  # (T + 2R, 12, 28)
+    frames: torch.Tensor  # (T, 3, 112, 112) float [0, 1]
+    au: torch.Tensor  # (T, 5) float, NaN where unknown
+    au_label: torch.Tensor  # (T, 5) float 0/1
+
+
+def _to_chw(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(*range(img.ndim - 3), -1, -3, -2).float() / 255.0
+
+
+def window_starts(n: int, length: int, stride: int) -> list[int]:
+    """Start frames of windows of ``length`` over ``n`` frames, every ``stride``, plus one
+    aligned with the end so that every frame is covered."""
+    if n < length:
+        return []
+    starts = list(range(0, n - length + 1, stride))
+    if starts[-1] != n - length:
+        starts.append(n - length)
+    return starts
+
+
+class ClipDataset(Dataset):
+    """Training windows: ``clip_len`` target frames with ``context`` frames of MFCC each side.
+
+    Sample i = (clip, start); frames ``start - R .. start + T + R - 1`` feed the model, frames
+    ``start .. start + T - 1`` are targets. Outside the clip the edge frame is replicated
+    (DESIGN.md §3), so the first and last frames of an utterance are trained exactly as the
+    stream renders them. ``clip_len=None`` gives one sample per whole clip (variable T)."""
+
+    def __init__(self, root, split: str, context: int, clip_len: int | None, stride: int | None = None):
+        self.root = Path(root)
+        self.context = int(context)
+        self.clip_len = clip_len
+        self.entries = split_entries(root, split)
+        if not self.entries:
+            raise ShardError(f"{self.root} has no clips in split {split!r}: check split.json")
+        self.samples: list[tuple[int, int]] = []
+        for ci, e in enumerate(self.entries):
+            if clip_len is None:
+                self.samples.append((ci, 0))
+            else:
+                self.samples += [(ci, s) for s in window_starts(e["frames"], clip_len, stride or clip_len)]
+        if not self.samples:
+            raise ShardError(f"no clip in {self.root} ({split}) has {clip_len} frames: lower --clip-len")
+        self._mfcc: MFCCCache | None = None  # built lazily: one per DataLoader worker
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> ClipSample:
+        ci, start = self.samples[i]
+        entry = self.entries[ci]
+        clip = load_clip(self.root, entry)
+        if self._mfcc is None:
+            self._mfcc = MFCCCache(self.root)
+        mfcc = self._mfcc.get(entry, clip["audio"])
+        n = entry["frames"]
+        t = n if self.clip_len is None else self.clip_len
+        ctx = np.clip(np.arange(start - self.context, start + t + self.context), 0, n - 1)
+        return ClipSample(
+            identity=_to_chw(clip["identity"]),
+            mfcc=torch.from_numpy(mfcc[ctx]),
+            frames=_to_chw(clip["frames"][start : start + t]),
+            au=torch.from_numpy(clip["au"][start : start + t].astype(np.float32)),
+            au_label=torch.from_numpy(clip["au_label"][start : start + t].astype(np.float32)),
+        )
+
+
+class _FrameChunks(Dataset):
+    """Per-frame samples grouped ``per_item`` frames of one clip to an item, so that one clip
+    read serves several frames. Chunk j of a clip holds frames ``j, j + m, j + 2m, ...`` (m =
+    number of chunks, wrapping at the end): every frame is seen once per epoch, spread over
+    the utterance. Only clips with at least one labelled frame are kept."""
+
+    def __init__(self, root, split: str, per_item: int):
+        self.root = Path(root)
+        self.per_item = per_item
+        self.entries = []
+        self._labels: list[tuple[np.ndarray, np.ndarray]] = []
+        for e in split_entries(root, split):
+            arr = load_clip(root, e, ("au", "au_label"))
+            known = np.isfinite(arr["au"])
+            if known.any():
+                self.entries.append(e)
+                self._labels.append((arr["au_label"].astype(np.float32), known))
+        if not self.entries:
+            raise ShardError(f"{self.root} ({split}) has no AU labels: prepare with --openface DIR, "
+                             f"or use a synthetic corpus, which carries labels")
+        self.items = [(ci, j) for ci, e in enumerate(self.entries) for j in range(self._chunks(e["frames"]))]
+
+    def _chunks(self, n: int) -> int:
+        return -(-n // self.per_item)
+
+    def _frames(self, ci: int, j: int) -> np.ndarray:
+        n = self.entries[ci]["frames"]
+        return (j + self._chunks(n) * np.arange(self.per_item)) % n
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels(self, ci: int, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        lab, known = self._labels[ci]
+        return torch.from_numpy(lab[idx]), torch.from_numpy(known[idx].astype(np.float32))
+
+
+class AUFrameDataset(_FrameChunks):
+    """AU classifier samples: item = (lower half crops (k, 3, 56, 112) float [0, 1],
+    au_label (k, 5), valid (k, 5)) for k = ``per_item`` frames of one clip."""
+
+    def __init__(self, root, split: str, per_item: int = 8):
+        super().__init__(root, split, per_item)
+
+    def __getitem__(self, i: int):
+        ci, j = self.items[i]
+        idx = self._frames(ci, j)
+        frames = load_clip(self.root, self.entries[ci], ("frames",))["frames"]
+        lower = _to_chw(frames[idx, CROP // 2 :])
+        return (lower, *self.labels(ci, idx))
+
+
+class AudioAUDataset(_FrameChunks):
+    """Audio2AU samples: item = (MFCC windows (k, 12, 28), au_label (k, 5), valid (k, 5))."""
+
+    def __init__(self, root, split: str, per_item: int = 8):
+        super().__init__(root, split, per_item)
+        self._mfcc: MFCCCache | None = None
+
+    def __getitem__(self, i: int):
+        ci, j = self.items[i]
+        idx = self._frames(ci, j)
+        if self._mfcc is None:
+            self._mfcc = MFCCCache(self.root)
+        m = self._mfcc.get(self.entries[ci])
+        return (torch.from_numpy(m[idx]), *self.labels(ci, idx))
+
+
+def au_occurrence_rates(root, split: str = "train") -> np.ndarray:
+    """Occurrence rate r_i of each AU over labelled frames of ``split`` (for the L_au weights)."""
+    pos = np.zeros(N_AU)
+    cnt = np.zeros(N_AU)
+    for e in split_entries(root, split):
+        arr = load_clip(root, e, ("au", "au_label"))
+        known = np.isfinite(arr["au"])
+        pos += (arr["au_label"].astype(bool) & known).sum(0)
+        cnt += known.sum(0)
+    return np.where(cnt > 0, pos / np.maximum(cnt, 1), np.nan)

@@ -1,0 +1,306 @@
+"""Training stages (DESIGN.md §4): ``pretrain-au``, ``pretrain-au-classifier``, ``train``.
+
+Each builds a :class:`loop.Task` and hands it to ``loop.run`` (seeded, resumable, DDP-aware).
+
+- pretrain-au: the 5 Audio2AU modules (with their last FC, ``head``) on single MFCC windows
+  -> AU occurrence, BCE over frames with a known label. Saved as module ``audio2au``.
+- pretrain-au-classifier: the AU classifier on lower-half crops -> AU occurrence, BCE.
+  Saved as module ``au_classifier``.
+- train: the full generator, Adam (beta1 0.5) at ``lr`` (2e-4); pretrained Audio2AU modules
+  fine-tuned at ``lr_audio2au`` (1e-6) without their heads (the paper removes the last FC
+  after pretraining), the pretrained AU classifier at ``lr_au_classifier`` (1e-7), through
+  L_au on the generated frames. Saved as modules ``generator`` and ``au_classifier``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import load_checkpoint
+from .config import ModelConfig
+from .data import AudioAUDataset, AUFrameDataset, ClipDataset, ShardError, au_occurrence_rates, read_split
+from .ddp import DistInfo, seed_everything
+from .loop import LoopOptions, Task, run
+from .losses import TotalLoss, au_loss
+from .models import AUClassifier, TalkingHead
+from .modules import Audio2AU
+
+
+@dataclass(frozen=True)
+class PretrainOptions:
+    data: Path
+    lr: float = 1e-3
+    frames_per_item: int = 8  # frames of one clip per dataset item (batch = B x this)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    data: Path
+    clip_len: int = 8
+    lr: float = 2e-4
+    lr_audio2au: float = 1e-6
+    lr_au_classifier: float = 1e-7
+    audio2au: Path | None = None  # pretrain-au checkpoint
+    au_classifier: Path | None = None  # pretrain-au-classifier checkpoint
+    vgg_weights: Path | None = None  # None with cfg.w_per == 0 (--no-vgg)
+
+
+def _wrap(module: nn.Module, info: DistInfo) -> nn.Module:
+    module.to(info.device)
+    if not info.distributed:
+        return module
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _has_val(data: Path) -> bool:
+    return bool(read_split(data)["test"])
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits averaged over entries with a known label (0 if none, graph kept)."""
+    per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (per * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> float:
+    hit = ((logits > 0).float() == labels).float() * valid
+    return float(hit.sum() / valid.sum().clamp(min=1.0))
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+class AUHeads(nn.Module):
+    """The n_au Audio2AU modules as one network: ``mfcc (N, 12, 28) -> logits (N, n_au)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.audio2au = nn.ModuleList(Audio2AU(cfg) for _ in cfg.au_names)
+
+    def forward(self, mfcc: torch.Tensor) -> torch.Tensor:
+        x = mfcc.unsqueeze(1)
+        return torch.stack([m(x) for m in self.audio2au], dim=1)
+
+
+class _ClassifierOnLower(nn.Module):
+    def __init__(self, clf: AUClassifier):
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, lower: torch.Tensor) -> torch.Tensor:
+        return self.clf(lower)
+
+
+def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str, nn.Module],
+                   train_set, val_set, opts: PretrainOptions, info: DistInfo) -> Task:
+    wrapped = _wrap(net, info)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=opts.lr)
+    dev = info.device
+
+    def flat(batch):
+        x, y, v = (t.to(dev) for t in batch)
+        return x.reshape(-1, *x.shape[2:]), y.reshape(-1, y.shape[-1]), v.reshape(-1, v.shape[-1])
+
+    def step(batch):
+        x, y, v = flat(batch)
+        logits = wrapped(x)
+        loss = masked_bce(logits, y, v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"bce": float(loss), "total": float(loss), "acc": _accuracy(logits, y, v)}
+
+    def validate(batch):
+        x, y, v = flat(batch)
+        logits = net(x)
+        loss = float(masked_bce(logits, y, v))
+        return {"bce": loss, "total": loss, "acc": _accuracy(logits, y, v)}
+
+    return Task(name, cfg, train_set, val_set, opt, saved, step, validate,
+                extra={"lr": opts.lr, "data": str(opts.data)})
+
+
+def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
+    """Pretrain the Audio2AU modules on (MFCC window, AU occurrence) pairs."""
+    if not cfg.audio2au:
+        raise ValueError("pretrain-au needs a config with Audio2AU on (drop --set audio2au=false)")
+    seed_everything(loop.seed)
+    train = AudioAUDataset(opts.data, "train", opts.frames_per_item)
+    val = AudioAUDataset(opts.data, "test", opts.frames_per_item) if _has_val(opts.data) else None
+    net = AUHeads(cfg)
+    task = _pretrain_task("pretrain-au", cfg, net, {"audio2au": net.audio2au}, train, val, opts, info)
+    return run(task, loop, info)
+
+
+def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
+    """Pretrain the AU classifier on (lower-half crop, AU occurrence) pairs."""
+    seed_everything(loop.seed)
+    train = AUFrameDataset(opts.data, "train", opts.frames_per_item)
+    val = AUFrameDataset(opts.data, "test", opts.frames_per_item) if _has_val(opts.data) else None
+    clf = AUClassifier(cfg)
+    task = _pretrain_task("pretrain-au-classifier", cfg, _ClassifierOnLower(clf), {"au_classifier": clf},
+                          train, val, opts, info)
+    return run(task, loop, info)
+
+
+# ----------------------------------------------------------------------------- full model
+
+
+def load_pretrained(path: Path, module: str, target: nn.Module) -> None:
+    """Load ``module`` from a stage checkpoint into ``target``, with a one-line error on mismatch."""
+    _, states, extra = load_checkpoint(path)
+    if module not in states:
+        raise ValueError(f"{path} holds {sorted(states)}, not {module!r}: pass the checkpoint of "
+                         f"{'pretrain-au' if module == 'audio2au' else 'pretrain-au-classifier'}")
+    try:
+        target.load_state_dict(states[module])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: {module} weights do not fit this model ({str(e).splitlines()[1].strip()}): "
+                         f"pretrain with the same --width / --tiny / --set flags") from e
+
+
+class GeneratorObjective(nn.Module):
+    """Generator + L_total in one module (the unit DDP synchronises).
+
+    ``forward(identity, mfcc, frames, au, au_label) -> ({loss terms, "total"}, generated)``.
+    L_au uses only frames whose AU labels are known (``au`` finite)."""
+
+    def __init__(self, model: TalkingHead, loss: TotalLoss, au_clf: AUClassifier | None,
+                 au_w: torch.Tensor | None, w_au: float):
+        super().__init__()
+        self.model, self.loss, self.au_clf, self.w_au = model, loss, au_clf, w_au
+        self.register_buffer("au_w", au_w if au_w is not None else torch.ones(model.cfg.n_au))
+
+    def forward(self, identity, mfcc, frames, au, au_label):
+        pred = self.model(identity, mfcc)
+        parts = dict(self.loss(pred, frames, identity))
+        if self.au_clf is not None:
+            logits = self.au_clf(self.au_clf.lower_half(pred))
+            y = au_label.reshape(-1, au_label.shape[-1])
+            valid = torch.isfinite(au).reshape(-1, au.shape[-1]).all(-1)
+            # A batch without labels still touches the classifier (zero loss) so that every
+            # rank's backward reduces the same parameters.
+            l_au = au_loss(logits[valid], y[valid], self.au_w) if valid.any() else logits.sum() * 0.0
+            parts["au"] = l_au
+            parts["total"] = parts["total"] + self.w_au * l_au
+        return parts, pred
+
+
+def _image_grid(identity: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, n: int = 4) -> torch.Tensor:
+    """Rows of (identity | real middle frame | generated middle frame) for up to n samples."""
+    mid = target.shape[1] // 2
+    rows = [torch.cat([identity[i], target[i, mid], pred[i, mid]], dim=-1) for i in range(min(n, len(identity)))]
+    return torch.cat(rows, dim=-2).detach().cpu()
+
+
+def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
+    """Model, AU classifier (or None), parameter groups and the effective L_au weight."""
+    model = TalkingHead(cfg)
+    groups = []
+    if cfg.audio2au:
+        for m in model.audio2au:
+            m.head.requires_grad_(False)  # the last FC is removed after pretraining (paper §3.1)
+        a2a = [p for p in model.audio2au.parameters() if p.requires_grad]
+        if opts.audio2au is not None:
+            load_pretrained(opts.audio2au, "audio2au", model.audio2au)
+            groups.append({"params": a2a, "lr": opts.lr_audio2au, "name": "audio2au"})
+        else:
+            if info.main:
+                warnings.warn("Audio2AU is not pretrained (no --audio2au): it trains with the generator "
+                              "at the generator's lr", stacklevel=2)
+            groups.append({"params": a2a, "lr": opts.lr, "name": "audio2au"})
+    a2a_ids = {id(p) for g in groups for p in g["params"]}
+    groups.insert(0, {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in a2a_ids],
+                      "lr": opts.lr, "name": "generator"})
+    w_au, clf = cfg.w_au, None
+    if w_au > 0 and opts.au_classifier is None:
+        if info.main:
+            warnings.warn("no --au-classifier: L_au is off (a random classifier gives no AU signal)", stacklevel=2)
+        w_au = 0.0
+    if opts.au_classifier is not None:
+        clf = AUClassifier(cfg)
+        load_pretrained(opts.au_classifier, "au_classifier", clf)
+    return model, clf, groups, w_au
+
+
+def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
+    """Train the full model (paper §3.2)."""
+    if cfg.w_per > 0 and opts.vgg_weights is None:
+        raise ValueError("L_per needs VGG-19 ImageNet weights: pass --vgg-weights vgg19-dcbb9e9d.pth, or --no-vgg")
+    seed_everything(loop.seed)
+    r = cfg.lookahead_frames
+    train_set = ClipDataset(opts.data, "train", context=r, clip_len=opts.clip_len)
+    val_set = ClipDataset(opts.data, "test", context=r, clip_len=opts.clip_len) if _has_val(opts.data) else None
+    model, clf, groups, w_au = _train_parts(cfg, opts, info)
+    au_w = None
+    if w_au > 0:
+        rates = au_occurrence_rates(opts.data, "train")
+        if not np.isfinite(rates).all():
+            if info.main:
+                warnings.warn(f"{opts.data} has no AU labels in its training split: L_au is off", stacklevel=2)
+            w_au = 0.0
+        else:
+            from .losses import au_weights
+
+            au_w = au_weights(np.clip(rates, 1e-3, 1.0))
+    if w_au > 0:
+        groups.append({"params": list(clf.parameters()), "lr": opts.lr_au_classifier, "name": "au_classifier"})
+    elif clf is not None:
+        clf.requires_grad_(False)
+    loss = TotalLoss(dataclasses.replace(cfg, w_au=0.0), vgg_weights=opts.vgg_weights)
+    objective = GeneratorObjective(model, loss, clf if w_au > 0 else None, au_w, w_au)
+    wrapped = _wrap(objective, info)
+    if clf is not None:
+        clf.to(info.device)
+    opt = torch.optim.Adam(groups, lr=opts.lr, betas=(0.5, 0.999))
+    dev = info.device
+
+    def unpack(batch):
+        return [t.to(dev) for t in batch]
+
+    def step(batch):
+        parts, _ = wrapped(*unpack(batch))
+        opt.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        opt.step()
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+    def validate(batch):
+        parts, _ = objective(*unpack(batch))
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+    def images(batch):
+        identity, mfcc, frames, _, _ = unpack(batch)
+        model.eval()
+        with torch.no_grad():
+            pred = model(identity[:4], mfcc[:4])
+        model.train()
+        return _image_grid(identity, frames, pred)
+
+    modules = {"generator": model}
+    if clf is not None:
+        modules["au_classifier"] = clf
+    extra = {"lr": opts.lr, "lr_audio2au": opts.lr_audio2au, "lr_au_classifier": opts.lr_au_classifier,
+             "w_au_effective": w_au, "clip_len": opts.clip_len, "data": str(opts.data),
+             "audio2au": str(opts.audio2au) if opts.audio2au else None,
+             "au_classifier": str(opts.au_classifier) if opts.au_classifier else None}
+    task = Task("train", cfg, train_set, val_set, opt, modules, step, validate, images, extra)
+    state = run(task, loop, info)
+    if not math.isfinite(state["best"]) and val_set is None and info.main:
+        warnings.warn(f"{opts.data} has no test speakers: best.safetensors was not written "
+                      "(nothing to validate on); use last.safetensors", stacklevel=2)
+    return state
+
+
+__all__ = ["PretrainOptions", "ShardError", "TrainOptions", "pretrain_au", "pretrain_au_classifier", "train"]
