@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt | apt
 	@touch $(STAMP)
 
 demo: apt $(STAMP)
-	$(PY) -m avatar_stream.engine.demo_frontends --out demo_out
+	$(PY) demos/frontends.py --out demo_out
 
 test: apt $(STAMP)
 	$(PY) -m pytest -q
