@@ -1,0 +1,185 @@
+"""``avatar-stream``: a face photo + live speech -> lip-synced face video, frame by frame.
+
+    avatar-stream --face me.jpg --mic --window
+    avatar-stream --face me.jpg --audio talk.wav --out talk.mp4
+    arecord -f S16_LE -r 16000 -c 1 | avatar-stream --face me.jpg --stdin --virtual-cam
+
+Every bad input ends in one line on stderr and a non-zero exit (2 for usage/input errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+
+from avatar_stream import __version__
+from avatar_stream.engine import timebase as tb
+
+log = logging.getLogger("avatar_stream")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="avatar-stream",
+        description="Real-time talking head: one face photo + speech -> lip-synced video.",
+    )
+    p.add_argument("--face", type=Path, help="face photo (jpg/png/...); default: the bundled demo face")
+    p.add_argument("--face-index", type=int, default=None,
+                   help="which face to use when the photo has several (0 = largest)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--mic", action="store_true", help="live input from the default (or --mic-device) microphone")
+    src.add_argument("--audio", type=Path, help="audio or video file (wav/flac/mp3/mp4/mpg)")
+    src.add_argument("--stdin", action="store_true", help="raw signed 16-bit little-endian mono PCM on stdin")
+    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument("--mic-device", default=None, help="microphone index or name (see --list-devices)")
+    p.add_argument("--stdin-rate", type=int, default=tb.SAMPLE_RATE, help="sample rate of --stdin PCM (Hz)")
+    p.add_argument("--realtime", action="store_true",
+                   help="pace --audio to the wall clock (as a microphone would deliver it)")
+    p.add_argument("--out", type=Path, help="write an mp4 (H.264 + AAC, input audio muxed in sync)")
+    p.add_argument("--virtual-cam", action="store_true", help="send frames to a virtual webcam (pyvirtualcam)")
+    p.add_argument("--window", action="store_true", help="show a preview window (OpenCV)")
+    p.add_argument("--audio-out", default=None, metavar="DEVICE",
+                   help="play the input audio on DEVICE delayed by the engine's latency (A/V sync for calls)")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument("--model", type=Path, default=None,
+                   help="exported model directory (avatar-export --out); default: the shipped starter")
+    p.add_argument("--renderer", default="neural", choices=("neural", "warp"),
+                   help="neural: the TCSAN generator; warp: AU-driven warp of the photo from predicted AUs")
+    p.add_argument("--size", default=None, metavar="WxH", help="output size (default: the photo's size)")
+    p.add_argument("--crop-only", action="store_true", help="output the 112x112 generated crop only")
+    p.add_argument("--max-backlog", type=int, default=2,
+                   help="live mode: ready frames allowed to wait before the oldest are dropped")
+    p.add_argument("--report-json", type=Path, default=None, help="write the end-of-run report as JSON")
+    p.add_argument("--quiet", action="store_true", help="only errors")
+    p.add_argument("--version", action="version", version=f"avatar-stream {__version__}")
+    return p
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--size {text!r} is not WIDTHxHEIGHT with positive integers, e.g. 640x640") from None
+    return w, h
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def _open_source(args):
+    from avatar_stream.engine.sources import FileSource, MicSource, StdinSource
+
+    if args.mic:
+        return MicSource(device=_device_arg(args.mic_device)), True
+    if args.stdin:
+        return StdinSource(sample_rate=args.stdin_rate), False
+    from avatar_stream import DEMO_SPEECH
+
+    path = args.audio if args.audio is not None else DEMO_SPEECH
+    return FileSource(path, realtime=args.realtime), bool(args.realtime)
+
+
+def _device_arg(value: str | None):
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def _open_sinks(args, stack: ExitStack, size: tuple[int, int], latency_samples: int):
+    from avatar_stream.engine import sinks as S
+
+    video, audio = [], []
+    w, h = size
+    if args.out is not None:
+        mp4 = stack.enter_context(S.Mp4Sink(args.out, fps=tb.FPS, size=(w, h)))
+        video.append(mp4)
+        audio.append(mp4)
+    if args.virtual_cam:
+        video.append(stack.enter_context(S.VirtualCamSink(w, h, tb.FPS)))
+    if args.window:
+        video.append(stack.enter_context(S.WindowSink("avatar-stream")))
+    if args.audio_out is not None:
+        audio.append(stack.enter_context(S.AudioOutSink(_device_arg(args.audio_out), latency_samples)))
+    return video, audio
+
+
+def run(args) -> int:
+    from avatar_stream.engine.face import read_image
+    from avatar_stream.engine.session import SessionOptions, run_session
+    from avatar_stream.engine.stream import Engine
+
+    if args.list_devices:
+        from avatar_stream.engine.sources import list_devices
+
+        for index, name, inputs, rate in list_devices():
+            print(f"{index:3d}  {name}  (inputs: {inputs}, default rate {rate} Hz)")
+        return 0
+    if not (args.out or args.virtual_cam or args.window):
+        raise UsageError("no output chosen: add --out FILE.mp4, --virtual-cam and/or --window")
+    size = _parse_size(args.size)
+    from avatar_stream import DEMO_FACE
+
+    face_path = args.face if args.face is not None else DEMO_FACE
+    photo = read_image(face_path)
+    engine = Engine(args.model, backend=args.backend, renderer=args.renderer)
+    card = engine.model.card
+    log.info("model: %s (checkpoint %s, %s)", engine.model.model_dir, card.checkpoint_sha256[:12], card.precision)
+    log.info("backend: %s (providers: %s)", engine.backend, ", ".join(engine.model.providers))
+    log.info("algorithmic latency: %.1f ms (audio window lookahead %.1f ms + TCSAN %d frames)",
+             engine.latency.ms, 1000 * tb.AUDIO_LOOKAHEAD_SAMPLES / tb.SAMPLE_RATE, engine.lookahead_frames)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stream = engine.create_stream(photo, face_index=args.face_index, output_size=size,
+                                      crop_only=args.crop_only)
+    for w in caught:
+        log.warning("%s", w.message)
+    out_h, out_w = (112, 112) if args.crop_only else (size[1], size[0]) if size else photo.shape[:2]
+    with ExitStack() as stack:
+        source, live = _open_source(args)
+        stack.callback(source.close)
+        video, audio = _open_sinks(args, stack, (out_w, out_h), engine.latency.samples)
+        report = run_session(stream, source, video, audio,
+                             SessionOptions(live=live, max_backlog=args.max_backlog))
+    for line in report.lines():
+        log.info("%s", line)
+    if args.report_json is not None:
+        import json
+
+        args.report_json.write_text(json.dumps(report.to_dict(), indent=2))
+    if args.out is not None:
+        log.info("wrote %s", args.out)
+    return 130 if report.interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
+                        format="avatar-stream: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, OSError, ImportError) as e:
+        # Our own errors are one actionable line; anything else shows its type too.
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"avatar-stream: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

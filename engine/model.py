@@ -1,0 +1,132 @@
+"""An exported model directory loaded behind one backend: the three graphs, their cards,
+and typed calls that convert between the engine's arrays and the graphs' tensors.
+
+Backends the user names (``--backend``): ``auto`` (TensorRT > CUDA > CPU), ``cpu``,
+``cuda``, ``tensorrt``. ``tensorrt`` uses the standalone TensorRT runner when the
+``tensorrt`` Python package and a GPU are present, else onnxruntime's TensorRT execution
+provider; it never falls back to another backend silently: a missing TensorRT is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from avatar_stream.engine import timebase as tb
+from avatar_stream.engine.card import GRAPH_FILES, ModelCard, ModelCardError, load_model_dir
+from avatar_stream.engine.runners import Runner, RunnerError, available_backends, make_runner
+
+BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
+SKIPS = ("skip0", "skip1", "skip2", "skip3")
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run on this machine; the message says what to do."""
+
+
+def default_model_dir() -> Path:
+    """The starter model shipped inside the package (ONNX graphs exported at release)."""
+    from avatar_stream import STARTER_DIR
+
+    return STARTER_DIR / "onnx"
+
+
+def resolve_backend(requested: str) -> str:
+    """Map a user backend name to a runner backend (``trt``/``tensorrt``/``cuda``/``cpu``)."""
+    if requested not in BACKENDS:
+        raise BackendError(f"unknown backend {requested!r}: use one of {', '.join(BACKENDS)}")
+    have = available_backends()
+    if requested == "auto":
+        return have[0] if have else "cpu"
+    if requested == "tensorrt":
+        for b in ("trt", "tensorrt"):
+            if b in have:
+                return b
+        raise BackendError(
+            "--backend tensorrt needs an NVIDIA GPU with TensorRT 10 (pip install "
+            "'avatar-stream[tensorrt]') or onnxruntime-gpu with the TensorRT provider; "
+            f"available here: {', '.join(have) or 'none'} — use --backend cpu"
+        )
+    if requested not in have:
+        raise BackendError(
+            f"--backend {requested} is not available here (available: {', '.join(have)}): "
+            "install onnxruntime-gpu (pip install 'avatar-stream[gpu]') on a machine with an "
+            "NVIDIA GPU, or use --backend cpu"
+        )
+    return requested
+
+
+@dataclass
+class LoadedModel:
+    """Three runners sharing one card set. Arrays in, arrays out; no per-call validation
+    beyond what the graphs need (validate at the boundary, trust inside)."""
+
+    model_dir: Path
+    backend: str
+    cards: dict[str, ModelCard]
+    identity: Runner
+    frame: Runner
+    decoder: Runner
+
+    @property
+    def card(self) -> ModelCard:
+        return self.cards["tcsan_decoder"]
+
+    @property
+    def lookahead_frames(self) -> int:
+        return self.card.lookahead_frames
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(self.decoder.providers)
+
+    def encode_identity(self, crops: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``crops`` RGB uint8 (B, 112, 112, 3) -> (f_id (B, 512), skip maps by name)."""
+        face = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        out = self.identity.run({"face": face})
+        return out["f_id"], {k: out[k] for k in SKIPS}
+
+    def frame_features(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """PCM windows (B, WINDOW_SAMPLES) -> (feat (B, D), au_prob (B, 5))."""
+        out = self.frame.run({"pcm": np.ascontiguousarray(windows, dtype=np.float32)})
+        return out["feat"], out["au_prob"]
+
+    def decode(self, feats: np.ndarray, f_id: np.ndarray,
+               skips: dict[str, np.ndarray]) -> np.ndarray:
+        """feats (B, 2R+1, D) -> RGB uint8 crops (B, 112, 112, 3). f_id/skips of batch 1 are
+        broadcast to B."""
+        b = feats.shape[0]
+        feed = {"feats": np.ascontiguousarray(feats, dtype=np.float32)}
+        for name, arr in (("f_id", f_id), *skips.items()):
+            feed[name] = np.repeat(arr, b, axis=0) if arr.shape[0] != b else arr
+        img = self.decoder.run(feed)["frame"]
+        return to_uint8_hwc(img)
+
+
+def to_uint8_hwc(img: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, rounded."""
+    return np.ascontiguousarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def load_model(model_dir: str | Path | None = None, backend: str = "auto") -> LoadedModel:
+    """Load and validate an exported model directory (default: the shipped starter)."""
+    root = Path(model_dir) if model_dir is not None else default_model_dir()
+    if model_dir is None and not (root / GRAPH_FILES["frame"]).is_file():
+        raise ModelCardError(
+            f"the starter model is missing from this install ({root}): reinstall avatar-stream "
+            "or pass --model DIR (an avatar-export output directory)"
+        )
+    cards = load_model_dir(root)
+    card = cards["tcsan_decoder"]
+    if card.window_samples != tb.WINDOW_SAMPLES:  # load_model_dir checks; keep the contract visible
+        raise ModelCardError(f"{root}: window {card.window_samples} != {tb.WINDOW_SAMPLES}")
+    runner_backend = resolve_backend(backend)
+    try:
+        runners = {g: make_runner(root / f, runner_backend) for g, f in GRAPH_FILES.items()}
+    except RunnerError as e:
+        raise BackendError(str(e)) from e
+    return LoadedModel(model_dir=root, backend=runner_backend, cards=cards,
+                       identity=runners["identity"], frame=runners["frame"],
+                       decoder=runners["tcsan_decoder"])

@@ -1,0 +1,102 @@
+"""One live session: audio source -> Stream -> sinks, paced by the audio clock.
+
+The audio clock is the master. The source delivers audio as it is captured (a microphone
+callback thread, or a file paced in real time); this loop never makes capture wait. When
+compute falls behind, frames pile up as "ready" in the stream; in live mode the loop keeps
+at most ``max_backlog`` of them and drops the oldest (counted), so latency stays bounded
+and there is no drift: frame k always carries pts = k * 640 samples and shows the face for
+exactly that audio, whatever was dropped before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from avatar_stream.engine import timebase as tb
+from avatar_stream.engine.stream import Stream
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    live: bool = False  # drop frames when behind (microphone, --realtime); offline: never drop
+    max_backlog: int = 2  # ready frames allowed to wait before the oldest are dropped
+
+
+@dataclass(frozen=True)
+class SessionReport:
+    frames: int
+    dropped: int
+    audio_seconds: float
+    wall_seconds: float
+    fps: float
+    step_ms_p50: float
+    step_ms_p99: float
+    features_ms_p50: float
+    decode_ms_p50: float
+    paste_ms_p50: float
+    max_backlog_seen: int
+    interrupted: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        return [
+            f"frames {self.frames}, dropped {self.dropped}, audio {self.audio_seconds:.2f} s, "
+            f"wall {self.wall_seconds:.2f} s, {self.fps:.1f} fps",
+            f"step time p50 {self.step_ms_p50:.1f} ms, p99 {self.step_ms_p99:.1f} ms "
+            f"(features p50 {self.features_ms_p50:.1f} ms, decode p50 {self.decode_ms_p50:.1f} ms, "
+            f"paste-back p50 {self.paste_ms_p50:.1f} ms; budget {1000 / tb.FPS:.0f} ms)",
+        ]
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000.0, q)) if len(values) else 0.0
+
+
+def run_session(stream: Stream, source: Iterable[np.ndarray], sinks: Sequence = (),
+                audio_sinks: Sequence = (), options: SessionOptions = SessionOptions()) -> SessionReport:
+    """Drive ``stream`` from ``source`` until the source ends or KeyboardInterrupt (SIGINT,
+    or SIGTERM turned into one by the CLI). Sinks are written but not closed: the caller
+    owns them (``with`` blocks), so an interrupted mp4 is still finalised."""
+    t0 = time.perf_counter()
+    interrupted = False
+    max_backlog_seen = 0
+
+    def drain() -> None:
+        nonlocal max_backlog_seen
+        while stream.is_ready():
+            if options.live:
+                backlog = stream.ready_count()
+                max_backlog_seen = max(max_backlog_seen, backlog)
+                if backlog > options.max_backlog:
+                    stream.skip(backlog - options.max_backlog)
+                    continue
+            frame = stream.step()
+            for s in sinks:
+                s.write(frame.image, frame.pts)
+
+    try:
+        for chunk in source:
+            stream.accept_waveform(chunk, tb.SAMPLE_RATE)
+            for s in audio_sinks:
+                s.write_audio(chunk)
+            drain()
+        stream.input_finished()
+        drain()
+    except KeyboardInterrupt:
+        interrupted = True
+    wall = time.perf_counter() - t0
+    t = stream.times
+    return SessionReport(
+        frames=stream.frames_out, dropped=stream.frames_dropped,
+        audio_seconds=stream.samples_received / tb.SAMPLE_RATE, wall_seconds=wall,
+        fps=stream.frames_out / wall if wall > 0 else 0.0,
+        step_ms_p50=_pct(t.step, 50), step_ms_p99=_pct(t.step, 99),
+        features_ms_p50=_pct(t.features, 50), decode_ms_p50=_pct(t.decode, 50),
+        paste_ms_p50=_pct(t.paste, 50), max_backlog_seen=max_backlog_seen, interrupted=interrupted,
+    )

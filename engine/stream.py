@@ -1,0 +1,303 @@
+"""The streaming core: one immutable ``Engine`` and one mutable ``Stream`` per session.
+
+The loop (sherpa-onnx style)::
+
+    stream = engine.create_stream(face_image)
+    for chunk in source:
+        stream.accept_waveform(chunk, 16000)
+        while stream.is_ready():
+            frame = stream.step()
+    stream.input_finished()
+    while stream.is_ready():
+        frame = stream.step()
+
+Offline rendering is exactly this loop (``render_offline``); tests prove that any chunking
+gives the same frames.
+
+Frame k needs the per-frame features of frames k-R..k+R (R = the TCSAN lookahead from the
+model card); feature j needs the PCM window of frame j (``timebase.window_bounds``). So
+frame k is ready once sample ``timebase.last_sample_needed(k, R)`` has arrived, or once the
+input is finished (the window is then zero-padded, as offline). Features of frames before
+0 and after the last frame are edge-replicated, as in training (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from avatar_stream.engine import timebase as tb
+from avatar_stream.engine.audio import StreamResampler, check_audio
+from avatar_stream.engine.face import AlignedFace, FaceAligner, paste_back
+from avatar_stream.engine.model import LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One output frame. ``pts`` is in samples at 16 kHz (``index * 640``): integer time."""
+
+    index: int
+    image: np.ndarray  # RGB uint8, full photo (or the 112x112 crop when crop_only)
+    crop: np.ndarray  # RGB uint8 112x112, the generated face
+    au: np.ndarray  # (5,) Audio2AU probabilities for this frame, AU_NAMES order
+
+    @property
+    def pts(self) -> int:
+        return self.index * tb.SAMPLES_PER_FRAME
+
+    @property
+    def seconds(self) -> float:
+        return self.pts / tb.SAMPLE_RATE
+
+
+@dataclass
+class FaceContext:
+    """A face prepared once: aligned crop, its identity features, the photo it pastes into."""
+
+    photo: np.ndarray
+    aligned: AlignedFace
+    f_id: np.ndarray
+    skips: dict[str, np.ndarray]
+
+
+@dataclass
+class StageTimes:
+    """Per-stage wall times in seconds, appended per call (for reports and the bench)."""
+
+    features: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+    paste: list[float] = field(default_factory=list)
+    step: list[float] = field(default_factory=list)
+
+
+class Engine:
+    """Loaded graphs + model card + backend. Immutable and shareable between streams."""
+
+    def __init__(self, model_dir: str | Path | None = None, backend: str = "auto",
+                 renderer: str = "neural", face_aligner: FaceAligner | None = None):
+        if renderer not in ("neural", "warp"):
+            raise ValueError(f"unknown renderer {renderer!r}: use 'neural' or 'warp'")
+        self.model: LoadedModel = load_model(model_dir, backend)
+        self.renderer = renderer
+        self.aligner = face_aligner or FaceAligner()
+        self.lookahead_frames: int = self.model.lookahead_frames
+        self.latency = tb.Latency(self.lookahead_frames)
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+    # -- per-face work, done once ------------------------------------------------------
+    def prepare_face(self, photo: np.ndarray, face_index: int | None = None) -> FaceContext:
+        aligned = self.aligner.align(photo, face_index=face_index)
+        f_id, skips = self.model.encode_identity(aligned.crop[None])
+        return FaceContext(photo=photo, aligned=aligned, f_id=f_id, skips=skips)
+
+    def create_stream(self, face: FaceContext | np.ndarray, face_index: int | None = None,
+                      output_size: tuple[int, int] | None = None, crop_only: bool = False) -> Stream:
+        if not isinstance(face, FaceContext):
+            face = self.prepare_face(face, face_index)
+        return Stream(self, face, output_size=output_size, crop_only=crop_only)
+
+
+class Stream:
+    """All mutable per-session state: audio ring buffer indexed by absolute sample counts,
+    the per-frame feature cache, the frame cursor and counters."""
+
+    def __init__(self, engine: Engine, face: FaceContext,
+                 output_size: tuple[int, int] | None = None, crop_only: bool = False):
+        self.engine = engine
+        self.face = face
+        self.output_size = output_size
+        self.crop_only = crop_only
+        self.times = StageTimes()
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget all audio and frames; the face and its identity features are kept."""
+        self._buf = np.zeros(0, dtype=np.float32)
+        self._buf_start = 0  # absolute sample index of _buf[0]
+        self._received = 0  # absolute count of 16 kHz samples accepted
+        self._finished = False
+        self._feats: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # frame -> (feat, au_prob)
+        self._next_out = 0  # frame cursor
+        self._resamplers: dict[int, StreamResampler] = {}
+        self.frames_out = 0
+        self.frames_dropped = 0
+        self.times = StageTimes()
+
+    @property
+    def samples_received(self) -> int:
+        return self._received
+
+    @property
+    def next_frame(self) -> int:
+        return self._next_out
+
+    @property
+    def total_frames(self) -> int | None:
+        """Number of frames of the whole input once it is finished, else None."""
+        return tb.num_frames(self._received) if self._finished else None
+
+    # -- input ---------------------------------------------------------------------------
+    def accept_waveform(self, samples: np.ndarray, sample_rate: int = tb.SAMPLE_RATE) -> None:
+        """Append mono float32 samples at ``sample_rate`` (resampled to 16 kHz here)."""
+        if self._finished:
+            raise RuntimeError("accept_waveform after input_finished(): call reset() first")
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if sample_rate != tb.SAMPLE_RATE:
+            rs = self._resamplers.get(sample_rate)
+            if rs is None:
+                if self._resamplers:
+                    raise ValueError("the sample rate changed within one stream: reset() first")
+                rs = self._resamplers[sample_rate] = StreamResampler(sample_rate)
+            samples = rs.process(samples)
+        if samples.size:
+            self._buf = np.concatenate([self._buf, samples])
+            self._received += samples.size
+
+    def input_finished(self) -> None:
+        """No more audio: flush the resampler; the tail frames become ready (zero padded)."""
+        for rs in self._resamplers.values():
+            tail = rs.flush()
+            if tail.size:
+                self._buf = np.concatenate([self._buf, tail])
+                self._received += tail.size
+        self._finished = True
+
+    # -- readiness -------------------------------------------------------------------------
+    def _feature_available(self, j: int) -> bool:
+        return self._finished or tb.window_bounds(j)[1] <= self._received
+
+    def is_ready(self) -> bool:
+        k = self._next_out
+        if self._finished:
+            return k < tb.num_frames(self._received)
+        return self._feature_available(k + self.engine.lookahead_frames)
+
+    def ready_count(self) -> int:
+        """How many frames are ready now (the backlog a slow consumer has)."""
+        r = self.engine.lookahead_frames
+        if self._finished:
+            return max(0, tb.num_frames(self._received) - self._next_out)
+        # last k with window_bounds(k + R)[1] <= received
+        last = (self._received - tb.WINDOW_OFFSET - tb.WINDOW_SAMPLES) // tb.SAMPLES_PER_FRAME - r
+        return max(0, last - self._next_out + 1)
+
+    # -- features --------------------------------------------------------------------------
+    def _window(self, j: int) -> np.ndarray:
+        start, stop = tb.window_bounds(j)
+        out = np.zeros(tb.WINDOW_SAMPLES, dtype=np.float32)
+        lo, hi = max(start, self._buf_start), min(stop, self._received)
+        if hi > lo:
+            out[lo - start : hi - start] = self._buf[lo - self._buf_start : hi - self._buf_start]
+        return out
+
+    def _ensure_features(self, upto: int) -> None:
+        """Compute (once) the features of every frame <= ``upto`` not yet cached, batched."""
+        first = max(self._feats.keys(), default=-1) + 1
+        first = max(first, self._next_out - self.engine.lookahead_frames, 0)
+        todo = [j for j in range(first, upto + 1) if j not in self._feats]
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        windows = np.stack([self._window(j) for j in todo])
+        feat, au = self.engine.model.frame_features(windows)
+        for i, j in enumerate(todo):
+            self._feats[j] = (feat[i], au[i])
+        self.times.features.append(time.perf_counter() - t0)
+
+    def _feature_window(self, k: int) -> np.ndarray:
+        r = self.engine.lookahead_frames
+        last = tb.num_frames(self._received) - 1 if self._finished else None
+        idx = [max(j, 0) for j in range(k - r, k + r + 1)]
+        if last is not None:
+            idx = [min(j, last) for j in idx]
+        self._ensure_features(max(idx))
+        return np.stack([self._feats[j][0] for j in idx])
+
+    def _forget_before(self, k: int) -> None:
+        """Drop audio and features no future frame can need (bounded memory)."""
+        r = self.engine.lookahead_frames
+        keep_from = k - r
+        for j in [j for j in self._feats if j < keep_from]:
+            del self._feats[j]
+        # Keep feature 0 while it may still be edge-replicated (frames k < R).
+        cut = tb.window_bounds(max(keep_from, 0))[0]
+        cut = max(cut, self._buf_start)
+        # Samples below the window start of the oldest feature still to compute go too.
+        next_feat = max(self._feats.keys(), default=keep_from - 1) + 1
+        cut = min(cut, tb.window_bounds(max(next_feat, 0))[0])
+        if cut > self._buf_start:
+            drop = min(cut - self._buf_start, self._buf.size)
+            self._buf = self._buf[drop:]
+            self._buf_start += drop
+
+    # -- output --------------------------------------------------------------------------
+    def step(self) -> Frame:
+        """Produce the next frame. Call only while ``is_ready()``."""
+        if not self.is_ready():
+            raise RuntimeError("step() called while not is_ready()")
+        t0 = time.perf_counter()
+        k = self._next_out
+        feats = self._feature_window(k)
+        au = self._feats[k][1]
+        t1 = time.perf_counter()
+        crop = self.engine.model.decode(feats[None], self.face.f_id, self.face.skips)[0]
+        t2 = time.perf_counter()
+        image = crop if self.crop_only else self._compose(crop)
+        t3 = time.perf_counter()
+        self.times.decode.append(t2 - t1)
+        self.times.paste.append(t3 - t2)
+        self.times.step.append(t3 - t0)
+        self._next_out += 1
+        self.frames_out += 1
+        self._forget_before(self._next_out)
+        return Frame(index=k, image=image, crop=crop, au=au)
+
+    def skip(self, n: int = 1) -> int:
+        """Drop the next ``n`` ready frames without rendering them (compute fell behind).
+        Their features are still computed when later frames need them as context."""
+        dropped = 0
+        while dropped < n and self.is_ready():
+            self._next_out += 1
+            dropped += 1
+        self.frames_dropped += dropped
+        self._forget_before(self._next_out)
+        return dropped
+
+    def _compose(self, crop: np.ndarray) -> np.ndarray:
+        out = paste_back(self.face.photo, crop, self.face.aligned.matrix)
+        if self.output_size is not None:
+            import cv2
+
+            out = cv2.resize(out, self.output_size, interpolation=cv2.INTER_AREA)
+        return out
+
+
+def render_offline(engine: Engine, face: FaceContext | np.ndarray, audio: np.ndarray,
+                   chunks: Iterable[int] | None = None, **stream_kw) -> list[Frame]:
+    """Render a whole clip through the streaming loop. ``chunks`` gives chunk sizes (cycled);
+    None pushes the audio in one piece."""
+    check_audio(audio, tb.SAMPLE_RATE)
+    stream = engine.create_stream(face, **stream_kw)
+    frames: list[Frame] = []
+    pos = 0
+    sizes = list(chunks) if chunks is not None else [len(audio)]
+    i = 0
+    while pos < len(audio):
+        n = sizes[i % len(sizes)]
+        stream.accept_waveform(audio[pos : pos + n])
+        pos += n
+        i += 1
+        while stream.is_ready():
+            frames.append(stream.step())
+    stream.input_finished()
+    while stream.is_ready():
+        frames.append(stream.step())
+    return frames
