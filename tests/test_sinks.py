@@ -164,6 +164,7 @@ def test_mp4_frames_closer_than_one_output_frame_are_refused(tmp_path):
         assert [round(f.time * 10) for f in c.decode(video=0)] == [0, 2]
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
 def test_close_requested_by_a_signal_handler_during_write_waits_for_the_write(tmp_path, astronaut):
     """A real signal arrives while write() is running; its handler calls close(), which must
     be deferred until the frame is fully muxed, then run exactly once."""
@@ -268,7 +269,9 @@ def _ffprobe(path: Path) -> dict:
     return {s["codec_type"]: s for s in json.loads(probe.stdout)["streams"]}
 
 
-needs_ffprobe = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe (ffmpeg) is not installed")
+needs_ffprobe = pytest.mark.skipif(
+    shutil.which("ffprobe") is None or os.name == "nt", reason="needs ffprobe (ffmpeg) and POSIX signals"
+)
 
 
 @needs_ffprobe
