@@ -256,20 +256,20 @@ def _cuda(result):
     return values[0] if len(values) == 1 else (values or None)
 
 
-def engine_paths(onnx_path: str | Path, fp16: bool, engine_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Default engine file and its sidecar JSON for a graph: ``<dir>/tensorrt/<stem>.<prec>.engine``."""
+def engine_paths(onnx_path: str | Path, precision: str, engine_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Engine file and its sidecar JSON for a graph: ``<dir>/tensorrt/<stem>.<precision>.engine``."""
     p = Path(onnx_path)
     d = Path(engine_dir) if engine_dir else p.parent / "tensorrt"
-    engine = d / f"{p.stem}.{'fp16' if fp16 else 'fp32'}.engine"
+    engine = d / f"{p.stem}.{precision}.engine"
     return engine, engine.with_suffix(".engine.json")
 
 
-def expected_sidecar(onnx_path: str | Path, fp16: bool, batch_max: int, device: int = 0) -> dict:
+def expected_sidecar(onnx_path: str | Path, precision: str, batch_max: int, device: int = 0) -> dict:
     """What the sidecar of an engine usable here must say."""
     return {
         "tensorrt_version": tensorrt_version(),
         "gpu": gpu_name(device),
-        "precision": "fp16" if fp16 else "fp32",
+        "precision": precision,
         "onnx_sha256": file_sha256(onnx_path),
         "batch_max": int(batch_max),
     }
@@ -289,40 +289,63 @@ def sidecar_mismatch(engine_path: Path, sidecar_path: Path, expected: Mapping) -
     return "; ".join(diffs) or None
 
 
+def _network_flags(trt, card: ModelCard, fp16: bool) -> tuple[int, bool]:
+    """(creation flags, use the FP16 builder flag). A graph stored in fp16 is built strongly
+    typed: its own types decide. An fp32 graph with ``fp16`` uses TensorRT 10's FP16 builder
+    flag (weak typing); TensorRT 11 removed that flag, so there it needs an fp16 graph."""
+    strong = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if card.precision == "fp16":
+        return strong, False
+    if fp16 and not hasattr(trt.BuilderFlag, "FP16"):
+        raise RunnerError(f"TensorRT {trt.__version__} builds FP16 engines only from an fp16 graph "
+                          f"(strong typing): export with avatar-export --precision fp16, or pass fp16=False")
+    return 0, fp16
+
+
+def engine_precision(card: ModelCard, fp16: bool) -> str:
+    return "fp16" if fp16 or card.precision == "fp16" else "fp32"
+
+
 def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = True,
                      batch_max: int = DEFAULT_BATCH_MAX, opt_batch: int = 1, workspace_gib: float = 2.0,
                      device: int = 0) -> dict:
     """Build a serialized TensorRT engine from an exported graph and write its sidecar JSON.
 
     One optimisation profile covers batch 1..``batch_max`` (``opt_batch`` tuned). I/O stays
-    float32; FP16 applies to the layers inside. Returns the sidecar dict.
+    float32; FP16 applies to the layers inside (see ``_network_flags``). Returns the sidecar.
     """
     trt, cudart = _import_trt()
     _cuda(cudart.cudaSetDevice(device))
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     card = read_card(onnx_path)
+    if card.precision == "int8":
+        raise RunnerError(f"{onnx_path.name} is an int8 graph for the CPU: export with --precision fp32 or fp16 "
+                          f"for TensorRT")
+    flags, weak_fp16 = _network_flags(trt, card, fp16)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(flags)  # explicit batch is the only mode since TensorRT 10
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RunnerError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if fp16:
+    if weak_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for name, dims in card.inputs.items():
-        shape = [lambda b, d=d: b if d == "B" else d for d in dims]
-        profile.set_shape(name, [f(1) for f in shape], [f(opt_batch) for f in shape], [f(batch_max) for f in shape])
+        def shape(b: int, dims=dims) -> list[int]:
+            return [b if d == "B" else int(d) for d in dims]
+
+        profile.set_shape(name, shape(1), shape(opt_batch), shape(batch_max))
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise RunnerError(f"TensorRT failed to build an engine for {onnx_path.name}: see the TensorRT log above")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(blob))
-    sidecar = expected_sidecar(onnx_path, fp16, batch_max, device)
+    sidecar = expected_sidecar(onnx_path, engine_precision(card, fp16), batch_max, device)
     sidecar.update(graph=card.graph, opt_batch=int(opt_batch), built_by=f"avatar-stream {__version__}",
                    onnx_file=onnx_path.name)
     engine_path.with_suffix(".engine.json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
@@ -349,8 +372,9 @@ class TrtRunner:
         self.card = read_card(onnx_path)
         self.batch_max = int(batch_max)
         _cuda(cudart.cudaSetDevice(device))
-        self.engine_path, sidecar = engine_paths(onnx_path, fp16, engine_dir)
-        reason = sidecar_mismatch(self.engine_path, sidecar, expected_sidecar(onnx_path, fp16, batch_max, device))
+        precision = engine_precision(self.card, fp16)
+        self.engine_path, sidecar = engine_paths(onnx_path, precision, engine_dir)
+        reason = sidecar_mismatch(self.engine_path, sidecar, expected_sidecar(onnx_path, precision, batch_max, device))
         if reason:
             log.warning("building TensorRT engine %s (%s)", self.engine_path.name, reason)
             build_trt_engine(onnx_path, self.engine_path, fp16=fp16, batch_max=batch_max, device=device)

@@ -39,7 +39,6 @@ class ExportOptions:
     example_batch: int = 2  # >= 2, or a traced reshape can bake the batch size in
     batch_max: int = 8  # largest batch the TensorRT profiles cover
     parity: bool = True
-    slim: bool = False  # onnxslim pass (see docs/export.md for what it changes here)
     dynamo: bool = False
     tensorrt: bool = False  # also build TensorRT engines (needs an NVIDIA GPU + TensorRT)
     trt_fp16: bool = True
@@ -60,6 +59,7 @@ class ExportReport:
     parity: list = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     engines: dict[str, dict] = field(default_factory=dict)
+    int8: dict[str, dict] = field(default_factory=dict)  # graph -> compare_int8() result
 
 
 def to_onnx(module: torch.nn.Module, spec: GraphSpec, example: dict[str, torch.Tensor], *,
@@ -86,15 +86,6 @@ def to_onnx(module: torch.nn.Module, spec: GraphSpec, example: dict[str, torch.T
             dynamo=False,
         )
     return onnx.load_from_string(buf.getvalue())
-
-
-def slim(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxslim pass (constant folding, dead nodes, shape simplification); optional dependency."""
-    try:
-        import onnxslim
-    except ImportError:
-        raise RuntimeError("--slim needs onnxslim: pip install -c constraints.txt onnxslim") from None
-    return onnxslim.slim(model)
 
 
 def check(model: onnx.ModelProto) -> None:
@@ -133,9 +124,14 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, opts: ExportOption
         t0 = time.perf_counter()
         module = spec.wrapper(model).eval()
         proto = to_onnx(module, spec, examples[spec.name], dynamo=opts.dynamo)
-        if opts.slim:
-            proto = slim(proto)
+        fp32_proto = proto
         proto, precision = _convert(proto, spec.name, opts.precision, calib.get(spec.name))
+        if precision == "int8":
+            from avatar_stream.export.quantize import compare_int8
+
+            probe = real.get(spec.name) or calib[spec.name]
+            report.int8[spec.name] = compare_int8(fp32_proto, proto, probe,
+                                                  "frame" if spec.name == "tcsan_decoder" else None)
         check(proto)
         errors: dict[str, float] = {}  # the card's parity stays empty with --no-parity
         if opts.parity:
@@ -152,7 +148,10 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, opts: ExportOption
     if opts.tensorrt:
         from avatar_stream.export.tensorrt_build import build_engines
 
-        report.engines = build_engines(out, fp16=opts.trt_fp16, batch_max=opts.batch_max, log=log)
+        probe = {g: {k: v.numpy() for k, v in d.items()} for g, d in real.items()} if real else None
+        report.engines, trt_parity = build_engines(out, fp16=opts.trt_fp16, batch_max=opts.batch_max,
+                                                   inputs=probe, log=log)
+        report.parity.extend(trt_parity)
     write_manifest(report, opts, checkpoint_sha256)
     return report
 
@@ -183,6 +182,7 @@ def write_manifest(report: ExportReport, opts: ExportOptions, checkpoint_sha256:
         "parity_tolerance": parity_mod.TOLERANCES,
         "graphs": graphs,
         "tensorrt": report.engines,
+        "int8": report.int8,
     }
     path = report.out_dir / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
