@@ -67,10 +67,12 @@ def run_session(stream: Stream, source: Iterable[np.ndarray], sinks: Sequence = 
     interrupted = False
     max_backlog_seen = 0
 
-    def drain() -> None:
+    def drain(finished: bool = False) -> None:
         nonlocal max_backlog_seen
         while stream.is_ready():
-            if options.live:
+            # After the input ends, the last R frames become ready at once by design (their
+            # lookahead is padding, not late audio): they are rendered, never dropped.
+            if options.live and not finished:
                 backlog = stream.ready_count()
                 max_backlog_seen = max(max_backlog_seen, backlog)
                 if backlog > options.max_backlog:
@@ -87,7 +89,7 @@ def run_session(stream: Stream, source: Iterable[np.ndarray], sinks: Sequence = 
                 s.write_audio(chunk)
             drain()
         stream.input_finished()
-        drain()
+        drain(finished=True)
     except KeyboardInterrupt:
         interrupted = True
     wall = time.perf_counter() - t0
