@@ -134,9 +134,11 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     npv = state["numpy"].numpy()
     np.random.set_state(("MT19937", npv[:-2].astype(np.uint32), int(npv[-2]), int(npv[-1]),
                          float(state["numpy_gauss"][0])))
-    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    # clone: a row of a stacked tensor is a view, and set_rng_state reads from the start of
+    # its storage, not from the view's offset.
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu().clone())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu(), device)
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu().clone(), device)
 
 
 def gather_rng(info: DistInfo) -> dict[str, torch.Tensor]:

@@ -119,7 +119,8 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"bce": float(loss), "total": float(loss), "acc": _accuracy(logits, y, v)}
+        loss = float(loss.detach())
+        return {"bce": loss, "total": loss, "acc": _accuracy(logits.detach(), y, v)}
 
     def validate(batch):
         x, y, v = flat(batch)

@@ -1,0 +1,166 @@
+"""Training stages, exact mid-epoch resume, eval and torchrun, on a small labelled corpus
+written with ``write_clip`` (a face photo whose mouth opens with the audio's loudness)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
+from avatar_stream.training.checkpoint import load_checkpoint
+from avatar_stream.training.cli import main
+from avatar_stream.training.data import write_clip, write_split
+
+FRAMES = 12
+# Tiny model, one TCSAN level (R = 1): CPU-fast, same code path as the paper model.
+MODEL = ["--tiny", "--set", "tcsan_levels=1"]
+FAST = ["--workers", "0", "--no-progress", "--val-batches", "1"]
+
+
+def _corpus(root: Path, face: np.ndarray) -> Path:
+    rng = np.random.default_rng(0)
+    base = cv2.resize(face[20:300, 120:400], (112, 112), interpolation=cv2.INTER_AREA)
+    for spk in ("s1", "s2"):
+        for u in range(2):
+            loud = rng.uniform(0, 1, FRAMES)
+            t = np.arange(FRAMES * SAMPLES_PER_FRAME) / 16000
+            env = np.repeat(loud, SAMPLES_PER_FRAME)
+            audio = (0.5 * env * np.sin(2 * np.pi * (150 + 100 * u) * t)).astype(np.float32)
+            frames = np.repeat(base[None], FRAMES, 0)
+            for k in range(FRAMES):  # a dark mouth opening as tall as the sound is loud
+                h = int(2 + 12 * loud[k])
+                frames[k, 78 : 78 + h, 44:68] = 30
+            au = np.clip(loud[:, None] * np.array([0.6, 0.8, 1.0, 1.2, 1.4]) - 0.1, 0, 1).astype(np.float32)
+            au[3, :] = np.nan  # one frame without a label
+            write_clip(root, spk, f"u{u}", frames, audio, base, au=au, au_label=(au >= 0.3))
+    write_split(root, ["s1"], ["s2"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, astronaut) -> Path:
+    return _corpus(tmp_path_factory.mktemp("corpus"), astronaut)
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_stages_then_eval(corpus, tmp_path, capsys):
+    au_run, clf_run, run = tmp_path / "au", tmp_path / "clf", tmp_path / "run"
+    data = ["--data", str(corpus)]
+    assert main(["pretrain-au", *data, "--out", str(au_run), "--steps", "2", "--batch", "2", *MODEL, *FAST]) == 0
+    assert main(["pretrain-au-classifier", *data, "--out", str(clf_run), "--steps", "2", "--batch", "2",
+                 *MODEL, *FAST]) == 0
+    _, states, extra = load_checkpoint(au_run / "best")
+    assert set(states) == {"audio2au"} and extra["stage"] == "pretrain-au"
+    assert main(["train", *data, "--out", str(run), "--steps", "3", "--batch", "2", "--clip-len", "2", "--no-vgg",
+                 "--audio2au", str(au_run / "best.safetensors"), "--au-classifier", str(clf_run / "best.safetensors"),
+                 "--log-every", "1", "--ckpt-every", "2", "--image-every", "2", *MODEL, *FAST]) == 0
+    log = _log(run)
+    train_rows = [r for r in log if "train/total" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(r["train/au"] > 0 for r in train_rows)  # L_au is on: labels and a pretrained classifier
+    assert all("val/total" in r for r in log if r not in train_rows)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tb")).Reload().Tags()
+    assert "samples" in tb["images"] and {"train/total", "train/au", "val/rec"} <= set(tb["scalars"])
+    cfg, states, extra = load_checkpoint(run / "last")
+    assert set(states) == {"generator", "au_classifier", "rng"}
+    assert extra["loop"]["step"] == 3 and extra["world_size"] == 1 and cfg.tcsan_levels == 1
+    assert states["rng"]["torch"].shape[0] == 1  # one RNG state per process
+    # The pretrained Audio2AU went in (fine-tuned at 1e-6: still within 1e-3 of it).
+    _, au_states, _ = load_checkpoint(au_run / "best")
+    w0 = au_states["audio2au"]["0.lstm.weight_ih_l0"]
+    assert float((states["generator"]["audio2au.0.lstm.weight_ih_l0"] - w0).abs().max()) < 1e-3
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", *data, "--checkpoint", str(run / "best.safetensors"), "--json", str(out),
+                 "--no-face-metrics", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Table 5" in printed and "Table 6" in printed and "AU26" in printed
+    res = json.loads(out.read_text())
+    assert res["clips"] == 2 and res["frames"] == 2 * FRAMES and res["split"] == "test"
+    assert 3 < res["psnr"] < 40 and 0 < res["ssim"] < 1
+    for key in ("au_generated", "au_real"):
+        assert res[key]["per_au"]["AU10"]["frames"] == 2 * (FRAMES - 1)  # the unlabelled frames are out
+        assert 0 <= res[key]["mean_accuracy"] <= 1
+
+
+def test_resume_mid_epoch_gives_the_same_next_losses(corpus, tmp_path):
+    # 2 train clips x 6 windows of 2 frames = 12 samples, batch 2: 6 steps per epoch, so step 2
+    # is mid-epoch and steps 3..4 must match an uninterrupted run exactly.
+    args = ["--data", str(corpus), "--batch", "2", "--clip-len", "2", "--no-vgg", "--log-every", "1",
+            "--ckpt-every", "100", "--seed", "7", *MODEL, *FAST]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "--out", str(full), "--steps", "4", *args]) == 0
+    assert main(["train", "--out", str(part), "--steps", "2", *args]) == 0
+    loop = json.loads((part / "last.json").read_text())["extra"]["loop"]
+    assert (loop["step"], loop["epoch"], loop["position"]) == (2, 0, 2)
+    assert main(["train", "--out", str(part), "--steps", "4", "--resume", *args]) == 0
+    a = {r["step"]: r["train/total"] for r in _log(full) if "train/total" in r}
+    b = {r["step"]: r["train/total"] for r in _log(part) if "train/total" in r}
+    assert b[3] == a[3] and b[4] == a[4], (a, b)
+    assert a[3] != a[4]  # a real sequence of different batches, not a constant
+    # A different seed changes the data order and the initial weights: another loss.
+    other = tmp_path / "other"
+    assert main(["train", "--out", str(other), "--steps", "1", *[x if x != "7" else "8" for x in args]]) == 0
+    assert _log(other)[0]["train/total"] != a[1]
+
+
+def test_train_errors_are_one_line(corpus, tmp_path, capsys):
+    base = ["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "1", *MODEL, *FAST]
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--vgg-weights" in err and "\n" not in err
+    assert main([*base, "--vgg-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "VGG-19 weights not found" in capsys.readouterr().err
+    assert main([*base, "--no-vgg", "--clip-len", "50"]) == 2
+    assert "--clip-len" in capsys.readouterr().err
+    assert main([*base, "--no-vgg", "--batch", "2", "--clip-len", "2"]) == 0
+    capsys.readouterr()
+    changed = [x if x != "tcsan_levels=1" else "tcsan_levels=2" for x in base]
+    assert main([*changed, "--no-vgg", "--batch", "2", "--clip-len", "2", "--resume"]) == 2
+    assert "another model config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(corpus, tmp_path):
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "avatar_stream.training.cli", "train", "--data", str(corpus), "--out", str(run),
+           "--steps", "3", "--batch", "1", "--clip-len", "2", "--no-vgg", "--log-every", "1", "--ckpt-every", "2",
+           "--device", "cpu", *MODEL, *FAST]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, states, extra = load_checkpoint(run / "last")
+    assert extra["world_size"] == 2 and extra["loop"]["step"] == 3
+    assert states["rng"]["torch"].shape[0] == 2  # both ranks' RNG states
+    # Only rank 0 wrote: one line per step, no duplicates.
+    steps = [r["step"] for r in _log(run) if "train/total" in r]
+    assert steps == [1, 2, 3]
+    # Resume under torchrun continues at step 4 with both ranks' RNG restored.
+    proc = subprocess.run([*cmd[:cmd.index("--steps") + 1], "4", *cmd[cmd.index("--steps") + 2:], "--resume"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = {r["step"]: r["train/total"] for r in _log(run) if "train/total" in r}
+    assert sorted(resumed) == [1, 2, 3, 4]
+    # ... with the loss an uninterrupted 2-process run has at step 4.
+    full = tmp_path / "ddp_full"
+    cmd_full = [*cmd[:cmd.index("--out") + 1], str(full), *cmd[cmd.index("--out") + 2:]]
+    cmd_full[cmd_full.index("--steps") + 1] = "4"
+    proc = subprocess.run(cmd_full, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {r["step"]: r["train/total"] for r in _log(full) if "train/total" in r} == resumed
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--data", str(corpus), "--checkpoint", str(run / "last"), "--json", str(out),
+                 "--no-face-metrics", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["frames"] == 2 * FRAMES
