@@ -139,8 +139,10 @@ def run(args) -> int:
     card = engine.model.card
     log.info("model: %s (checkpoint %s, %s)", engine.model.model_dir, card.checkpoint_sha256[:12], card.precision)
     log.info("backend: %s (providers: %s)", engine.backend, ", ".join(engine.model.providers))
-    log.info("algorithmic latency: %.1f ms (audio window lookahead %.1f ms + TCSAN %d frames)",
-             engine.latency.ms, 1000 * tb.AUDIO_LOOKAHEAD_SAMPLES / tb.SAMPLE_RATE, engine.lookahead_frames)
+    log.info("algorithmic latency: %.1f ms from a frame's first audio sample to its earliest display "
+             "(frame %.0f ms + MFCC window lookahead %.1f ms + TCSAN lookahead %d frames = %.0f ms)",
+             engine.latency.ms, 1000 / tb.FPS, 1000 * tb.AUDIO_LOOKAHEAD_SAMPLES / tb.SAMPLE_RATE,
+             engine.lookahead_frames, 1000 * engine.lookahead_frames / tb.FPS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stream = engine.create_stream(photo, face_index=args.face_index, output_size=size,
@@ -165,10 +167,21 @@ def run(args) -> int:
     return 130 if report.interrupted else 0
 
 
+def _setup_logging(quiet: bool) -> None:
+    """Our messages go to the current stderr as 'avatar-stream: ...' lines (set per call, so
+    repeated in-process calls do not stack handlers)."""
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("avatar-stream: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.ERROR if quiet else logging.INFO)
+    log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
-                        format="avatar-stream: %(message)s", stream=sys.stderr)
+    _setup_logging(args.quiet)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         return run(args)

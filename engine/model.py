@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.card import GRAPH_FILES, ModelCard, ModelCardError, load_model_dir
 from avatar_stream.engine.runners import Runner, RunnerError, available_backends, make_runner

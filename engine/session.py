@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.stream import Stream
 

@@ -17,7 +17,9 @@ makes the writer wait (back-pressure), which is what an offline pipe wants.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -215,7 +217,32 @@ def import_pyaudio(error: type[Exception] = SourceError):
 def pyaudio_instance(error: type[Exception] = SourceError):
     """``(pyaudio module, PyAudio())``; the caller must ``terminate()`` the instance."""
     pyaudio = import_pyaudio(error)
-    return pyaudio, pyaudio.PyAudio()
+    with _quiet_native_stderr():
+        return pyaudio, pyaudio.PyAudio()
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what ALSA and JACK print on file descriptor 2 while PortAudio probes devices
+    (dozens of 'ALSA lib ... cannot find card' lines on a machine without a sound card): the
+    user gets our one-line error instead. AVATAR_STREAM_AUDIO_DEBUG=1 keeps them."""
+    if os.environ.get("AVATAR_STREAM_AUDIO_DEBUG") == "1":
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _devices(pa, direction: str) -> list[dict]:

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import StreamResampler, check_audio
-from avatar_stream.engine.face import AlignedFace, FaceAligner, paste_back
+from avatar_stream.engine.face import AlignedFace, FaceAligner, paste_back, warp_to_crop
 from avatar_stream.engine.model import LoadedModel, load_model
 
 
@@ -56,12 +55,22 @@ class Frame:
 
 @dataclass
 class FaceContext:
-    """A face prepared once: aligned crop, its identity features, the photo it pastes into."""
+    """A face prepared once: aligned crop, its identity features, the photo it pastes into,
+    and (renderer ``warp``) the prepared AU-driven warp of the photo."""
 
     photo: np.ndarray
     aligned: AlignedFace
     f_id: np.ndarray
     skips: dict[str, np.ndarray]
+    warp: object | None = None
+
+
+def smoothed_au(window_au: np.ndarray) -> np.ndarray:
+    """AU drive for the warp renderer: the Audio2AU probabilities of frames k-R..k+R
+    averaged with a Hann window centred on k. Per-frame probabilities flicker; the window
+    is the same one the TCSAN sees, so streaming still equals offline exactly."""
+    w = np.hanning(window_au.shape[0] + 2)[1:-1].astype(np.float32)
+    return (w[:, None] * window_au).sum(0) / w.sum()
 
 
 @dataclass
@@ -95,7 +104,12 @@ class Engine:
     def prepare_face(self, photo: np.ndarray, face_index: int | None = None) -> FaceContext:
         aligned = self.aligner.align(photo, face_index=face_index)
         f_id, skips = self.model.encode_identity(aligned.crop[None])
-        return FaceContext(photo=photo, aligned=aligned, f_id=f_id, skips=skips)
+        warp = None
+        if self.renderer == "warp":
+            from avatar_stream.engine.warp import WarpRenderer
+
+            warp = WarpRenderer(photo, aligned)
+        return FaceContext(photo=photo, aligned=aligned, f_id=f_id, skips=skips, warp=warp)
 
     def create_stream(self, face: FaceContext | np.ndarray, face_index: int | None = None,
                       output_size: tuple[int, int] | None = None, crop_only: bool = False) -> Stream:
@@ -212,14 +226,15 @@ class Stream:
             self._feats[j] = (feat[i], au[i])
         self.times.features.append(time.perf_counter() - t0)
 
-    def _feature_window(self, k: int) -> np.ndarray:
+    def _feature_window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and AU probabilities of frames k-R..k+R, edge-replicated at both ends."""
         r = self.engine.lookahead_frames
         last = tb.num_frames(self._received) - 1 if self._finished else None
         idx = [max(j, 0) for j in range(k - r, k + r + 1)]
         if last is not None:
             idx = [min(j, last) for j in idx]
         self._ensure_features(max(idx))
-        return np.stack([self._feats[j][0] for j in idx])
+        return np.stack([self._feats[j][0] for j in idx]), np.stack([self._feats[j][1] for j in idx])
 
     def _forget_before(self, k: int) -> None:
         """Drop audio and features no future frame can need (bounded memory)."""
@@ -245,12 +260,19 @@ class Stream:
             raise RuntimeError("step() called while not is_ready()")
         t0 = time.perf_counter()
         k = self._next_out
-        feats = self._feature_window(k)
+        feats, window_au = self._feature_window(k)
         au = self._feats[k][1]
         t1 = time.perf_counter()
-        crop = self.engine.model.decode(feats[None], self.face.f_id, self.face.skips)[0]
-        t2 = time.perf_counter()
-        image = crop if self.crop_only else self._compose(crop)
+        if self.face.warp is None:
+            crop = self.engine.model.decode(feats[None], self.face.f_id, self.face.skips)[0]
+            t2 = time.perf_counter()
+            image = crop if self.crop_only else self._compose(crop)
+        else:
+            drive = smoothed_au(window_au)
+            full = self.face.warp.render(drive)
+            t2 = time.perf_counter()
+            crop = warp_to_crop(full, self.face.aligned.matrix)
+            image = crop if self.crop_only else self._resize(full)
         t3 = time.perf_counter()
         self.times.decode.append(t2 - t1)
         self.times.paste.append(t3 - t2)
@@ -272,12 +294,14 @@ class Stream:
         return dropped
 
     def _compose(self, crop: np.ndarray) -> np.ndarray:
-        out = paste_back(self.face.photo, crop, self.face.aligned.matrix)
-        if self.output_size is not None:
-            import cv2
+        return self._resize(paste_back(self.face.photo, crop, self.face.aligned.matrix))
 
-            out = cv2.resize(out, self.output_size, interpolation=cv2.INTER_AREA)
-        return out
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        if self.output_size is None:
+            return image
+        import cv2
+
+        return cv2.resize(image, self.output_size, interpolation=cv2.INTER_AREA)
 
 
 def render_offline(engine: Engine, face: FaceContext | np.ndarray, audio: np.ndarray,
