@@ -1,0 +1,21 @@
+"""avatar-bench runs and writes its JSON (what it measures is not asserted: speed is not a test)."""
+
+import json
+
+from avatar_stream.engine.bench import main
+
+
+def test_bench_writes_table_and_json(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tiny_model_dir), "--backend", "cpu", "--batch", "1,2", "--repeat", "2",
+                 "--seconds", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {(r["graph"], r["batch"]) for r in res["graphs"]} == {
+        (g, b) for g in ("identity", "frame", "tcsan_decoder") for b in (1, 2)}
+    assert res["stream"]["frames"] == 25 and res["backend"] == "cpu"
+    assert "tcsan_decoder" in capsys.readouterr().out
+
+
+def test_bench_bad_model_is_one_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "none"), "--json", str(tmp_path / "b.json")]) == 2
+    assert "error:" in capsys.readouterr().err
