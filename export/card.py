@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import onnx
 import torch
+
 from avatar_stream import __version__
 from avatar_stream.engine import timebase
 from avatar_stream.engine.card import (

@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="ONNX precision: fp32; fp16 (GPU); int8 (CPU: frame + decoder statically quantized)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (NVIDIA GPU + TensorRT)")
-    p.add_argument("--fp16", action="store_true", help="TensorRT engines in FP16 (with --tensorrt)")
+    p.add_argument("--torch-tensorrt", action="store_true",
+                   help="also compile the graphs with torch-tensorrt into OUT/torch_trt (comparison path, GPU)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT engines in FP16 (with --tensorrt / --torch-tensorrt)")
     p.add_argument("--batch-max", type=int, default=8, help="largest batch of the TensorRT profiles (default 8)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity gate (cards then carry no errors)")
     p.add_argument("--dynamo", action="store_true", help="use torch's dynamo exporter instead of TorchScript")
@@ -59,9 +61,22 @@ def _load(args) -> tuple[object, str]:
     return model, file_sha256(ckpt)
 
 
+def _check_gpu_tools(args) -> None:
+    if args.tensorrt:
+        from avatar_stream.engine.runners import RunnerError, _import_trt, gpu_name
+
+        _import_trt()
+        if gpu_name() is None:
+            raise RunnerError("--tensorrt needs an NVIDIA GPU and none was found (nvidia-smi / cuda-python)")
+    if args.torch_tensorrt:
+        from avatar_stream.export.torch_trt import _import
+
+        _import()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.fp16 and not args.tensorrt:
+    if args.fp16 and not (args.tensorrt or args.torch_tensorrt):
         return _fail("--fp16 selects FP16 TensorRT engines and needs --tensorrt (for fp16 ONNX use --precision fp16)")
     if args.tensorrt and args.precision == "int8":
         return _fail("int8 graphs are for the CPU; for TensorRT export --precision fp32 (or fp16) with --tensorrt")
@@ -75,17 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     from avatar_stream.engine.runners import RunnerError
     from avatar_stream.export.onnx_export import ExportOptions, export_model
     from avatar_stream.export.parity import ParityError
+    from avatar_stream.export.torch_trt import TorchTrtError
     from avatar_stream.training.checkpoint import CheckpointError
 
     try:
+        _check_gpu_tools(args)  # fail before a long export, not after it
         model, sha = _load(args)
         opts = ExportOptions(precision=args.precision, batch_max=args.batch_max, parity=not args.no_parity,
-                             dynamo=args.dynamo, tensorrt=args.tensorrt, trt_fp16=args.fp16)
+                             dynamo=args.dynamo, tensorrt=args.tensorrt, trt_fp16=args.fp16,
+                             torch_tensorrt=args.torch_tensorrt)
         report = export_model(model, args.out, opts, checkpoint_sha256=sha, face_path=args.face,
                               speech_path=args.speech)
     except ParityError as e:
         return _fail(str(e), 1)
-    except (CheckpointError, ModelCardError, RunnerError, ValueError, OSError) as e:
+    except (CheckpointError, ModelCardError, RunnerError, TorchTrtError, ValueError, OSError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     _print_report(report, args)
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 import torch
+
 from avatar_stream import __version__
 from avatar_stream.engine.card import GRAPH_FILES, ModelCard
 from avatar_stream.engine.runners import file_sha256
@@ -42,6 +43,7 @@ class ExportOptions:
     dynamo: bool = False
     tensorrt: bool = False  # also build TensorRT engines (needs an NVIDIA GPU + TensorRT)
     trt_fp16: bool = True
+    torch_tensorrt: bool = False  # also compile with torch-tensorrt (comparison path, GPU)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -152,6 +154,14 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, opts: ExportOption
         report.engines, trt_parity = build_engines(out, fp16=opts.trt_fp16, batch_max=opts.batch_max,
                                                    inputs=probe, log=log)
         report.parity.extend(trt_parity)
+    if opts.torch_tensorrt:
+        from avatar_stream.export.torch_trt import compile_all
+
+        results = compile_all(model, out, real or examples, fp16=opts.trt_fp16, batch_max=opts.batch_max)
+        model.to("cpu")
+        if opts.parity:
+            report.parity.extend(results)
+            parity_mod.gate(results)
     write_manifest(report, opts, checkpoint_sha256)
     return report
 

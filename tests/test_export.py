@@ -268,3 +268,82 @@ def test_paper_width_export(tmp_path):
     report = export_model(model, tmp_path, ExportOptions(), checkpoint_sha256="2" * 64)
     cards = load_model_dir(tmp_path)
     assert cards["frame"].frame_feature_dim == 832 and all(r.passed for r in report.parity)
+
+
+def _gpu_tools() -> tuple[bool, bool]:
+    """(TensorRT + cuda-python + GPU, torch-tensorrt + CUDA)."""
+    from avatar_stream.engine import runners
+
+    try:
+        runners._import_trt()
+        trt = runners.gpu_name() is not None
+    except runners.RunnerError:
+        trt = False
+    try:
+        import torch_tensorrt  # noqa: F401
+
+        ttrt = torch.cuda.is_available()
+    except ImportError:
+        ttrt = False
+    return trt, ttrt
+
+
+HAS_TRT, HAS_TORCH_TRT = _gpu_tools()
+
+
+def test_cli_gpu_flags_fail_fast_without_gpu_tools(tiny_export, tmp_path):
+    if HAS_TRT and HAS_TORCH_TRT:
+        pytest.skip("TensorRT and torch-tensorrt are both usable here")
+    flag, missing = ("--tensorrt", "tensorrt and cuda-python") if not HAS_TRT else ("--torch-tensorrt", "torch")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--checkpoint", str(tiny_export.checkpoint), "--out", str(tmp_path / "o"), flag])
+    assert code == 2 and err.getvalue().count("\n") == 1 and missing in err.getvalue()
+    assert not (tmp_path / "o").exists()  # refused before exporting anything
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT 10+, cuda-python and an NVIDIA GPU")
+def test_cli_tensorrt_engines_pass_gate(tiny_export, tmp_path):
+    from avatar_stream.engine.runners import TrtRunner
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["--checkpoint", str(tiny_export.checkpoint), "--out", str(tmp_path), "--tensorrt", "--fp16",
+                     "--batch-max", "4"])
+    assert code == 0, out.getvalue()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for graph in GRAPH_FILES:
+        side = manifest["tensorrt"][graph]
+        assert side["precision"] == "fp16" and side["batch_max"] == 4 and set(side["parity"])
+        assert (tmp_path / side["file"]).is_file()
+    with TrtRunner(tmp_path / "tcsan_decoder.onnx", fp16=True, batch_max=4) as r:  # reuses the engine
+        feed = {k: v.numpy() for k, v in example_inputs(tiny_export.model, 1)["tcsan_decoder"].items()}
+        assert r.run(feed)["frame"].shape == (1, 3, 112, 112)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TORCH_TRT, reason="needs torch-tensorrt and a CUDA GPU")
+def test_torch_tensorrt_path_passes_gate(tiny_export, tmp_path):
+    from avatar_stream.export.torch_trt import compile_all
+
+    real = parity_mod.parity_inputs(tiny_export.model)
+    results = compile_all(tiny_export.model, tmp_path, real, fp16=True, batch_max=4)
+    tiny_export.model.to("cpu")
+    parity_mod.gate(results)
+    assert sorted(p.name for p in (tmp_path / "torch_trt").iterdir()) == [
+        "frame.ep", "identity.ep", "tcsan_decoder.ep"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("TensorrtExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu with the TensorRT execution provider")
+def test_ort_tensorrt_ep_with_engine_cache(tiny_export, tmp_path):
+    from avatar_stream.engine.runners import trt_cache_key
+
+    feed = {k: v.numpy() for k, v in example_inputs(tiny_export.model, 4)["tcsan_decoder"].items()}
+    want = OrtRunner(tiny_export.out / "tcsan_decoder.onnx").run(feed)["frame"]
+    r = OrtRunner(tiny_export.out / "tcsan_decoder.onnx", "tensorrt", cache_dir=tmp_path, require=True)
+    got = r.run(feed)["frame"]
+    assert np.abs(got - want).max() <= parity_mod.TOLERANCES["fp16"]
+    assert any((tmp_path / trt_cache_key()).iterdir())

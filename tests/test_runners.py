@@ -1,0 +1,241 @@
+"""engine/card.py and engine/runners.py: the card validator, the one runner interface, provider
+fallback, TensorRT engine sidecars. GPU paths are marked ``gpu`` and skip without one."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from avatar_stream.engine import runners
+from avatar_stream.engine.card import (
+    CARD_KEY,
+    GRAPH_FILES,
+    ModelCardError,
+    card_from_dict,
+    card_from_metadata,
+    load_model_dir,
+    read_card,
+)
+from avatar_stream.engine.runners import OrtRunner, RunnerError, TrtRunner, make_runner
+
+RUNNER_PROPERTIES = ("input_names", "output_names", "providers")
+
+
+def _has_trt() -> bool:
+    try:
+        runners._import_trt()
+    except RunnerError:
+        return False
+    return runners.gpu_name() is not None
+
+
+requires_trt = pytest.mark.skipif(not _has_trt(), reason="needs TensorRT 10+, cuda-python and an NVIDIA GPU")
+
+
+# ---------------------------------------------------------------------------- interface
+
+
+def test_runners_expose_identical_signatures():
+    assert inspect.signature(OrtRunner.run) == inspect.signature(TrtRunner.run)
+    for name in RUNNER_PROPERTIES:
+        a, b = getattr(OrtRunner, name), getattr(TrtRunner, name)
+        assert isinstance(a, property) and isinstance(b, property), name
+        assert inspect.signature(a.fget) == inspect.signature(b.fget), name
+    # both satisfy the Protocol the engine codes against
+    assert {n for n, _ in inspect.getmembers(runners.Runner) if not n.startswith("_")} >= {"run", *RUNNER_PROPERTIES}
+
+
+def test_ort_runner_cpu(tiny_export):
+    r = OrtRunner(tiny_export.out / "frame.onnx")
+    assert isinstance(r, runners.Runner)
+    assert r.providers == ("CPUExecutionProvider",) and r.fallback is None
+    assert r.input_names == ("pcm",) and r.output_names == ("feat", "au_prob")
+    out = r.run({"pcm": np.zeros((3, 4720), np.float64)})  # converted to float32 at the boundary
+    assert list(out) == ["feat", "au_prob"] and out["feat"].dtype == np.float32
+    assert out["au_prob"].shape == (3, 5) and ((out["au_prob"] >= 0) & (out["au_prob"] <= 1)).all()
+
+
+def test_ort_runner_rejects_bad_inputs(tiny_export):
+    r = OrtRunner(tiny_export.out / "tcsan_decoder.onnx")
+    with pytest.raises(RunnerError, match=r"takes inputs \['feats', 'f_id', 'skip0'"):
+        r.run({"feats": np.zeros((1, 15, 8), np.float32)})
+    ident = OrtRunner(tiny_export.out / "identity.onnx")
+    with pytest.raises(RunnerError, match=r"'face' has shape \(1, 3, 64, 64\), expected \['B', 3, 112, 112\]"):
+        ident.run({"face": np.zeros((1, 3, 64, 64), np.float32)})
+
+
+@pytest.mark.parametrize("backend", ["cuda", "tensorrt"])
+def test_provider_fallback_is_reported(tiny_export, tmp_path, backend):
+    import onnxruntime as ort
+
+    if runners.ORT_BACKENDS[backend] in ort.get_available_providers():
+        pytest.skip(f"{backend} is available here, so there is no fallback to observe")
+    r = OrtRunner(tiny_export.out / "identity.onnx", backend, cache_dir=tmp_path)
+    assert r.providers[0] == "CPUExecutionProvider"
+    assert r.fallback and runners.ORT_BACKENDS[backend] in r.fallback and "CPUExecutionProvider" in r.fallback
+    with pytest.raises(RunnerError, match=f"asked for {runners.ORT_BACKENDS[backend]}"):
+        OrtRunner(tiny_export.out / "identity.onnx", backend, cache_dir=tmp_path, require=True)
+
+
+def test_make_runner_and_backends(tiny_export):
+    assert "cpu" in runners.available_backends()
+    assert isinstance(make_runner(tiny_export.out / "frame.onnx", "cpu"), OrtRunner)
+    with pytest.raises(RunnerError, match="unknown backend 'gpu'"):
+        make_runner(tiny_export.out / "frame.onnx", "gpu")
+
+
+def test_trt_runner_without_tensorrt_says_what_to_install(tiny_export):
+    if _has_trt():
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(RunnerError, match="tensorrt and cuda-python"):
+        TrtRunner(tiny_export.out / "frame.onnx")
+
+
+def test_trt_cache_key_names_gpu_and_version(monkeypatch):
+    monkeypatch.setattr(runners, "gpu_name", lambda device=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(runners, "tensorrt_version", lambda: "10.13.0.35")
+    assert runners.trt_cache_key() == "NVIDIA-H100-80GB-HBM3_trt10.13.0.35"
+
+
+# ---------------------------------------------------------------------------- card
+
+
+def _card_dict(tiny_export) -> dict:
+    return read_card(tiny_export.out / "frame.onnx").to_dict()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("format", "other-card"), ("card_version", 2), ("sample_rate", 22050), ("fps", 30),
+    ("window_samples", 4800), ("window_offset", -2000), ("samples_per_frame", 533),
+    ("au_order", ["AU10", "AU12", "AU20", "AU25", "AU26"]), ("image_size", 128),
+])
+def test_card_refuses_what_it_does_not_know(tiny_export, key, value):
+    data = _card_dict(tiny_export)
+    data[key] = value
+    with pytest.raises(ModelCardError) as err:
+        card_from_dict(data, "frame.onnx")
+    msg = str(err.value)
+    assert f"card {key}={value!r}" in msg and "re-export with this version of avatar-export" in msg
+    assert "\n" not in msg
+
+
+def test_card_consistency_checks(tiny_export):
+    data = _card_dict(tiny_export)
+    data["receptive_field"] = 13
+    with pytest.raises(ModelCardError, match="receptive_field=13 is not 2\\*lookahead_frames\\+1"):
+        card_from_dict(data)
+    data = _card_dict(tiny_export)
+    data["outputs"] = {"au_prob": ["B", 5], "feat": data["outputs"]["feat"]}
+    with pytest.raises(ModelCardError, match="expected \\['pcm'\\] / \\['feat', 'au_prob'\\]"):
+        card_from_dict(data)
+    data = _card_dict(tiny_export)
+    del data["parity"]
+    with pytest.raises(ModelCardError, match="lacks parity"):
+        card_from_dict(data)
+    with pytest.raises(ModelCardError, match="no 'avatar_stream.card' metadata"):
+        card_from_metadata({}, "x.onnx")
+
+
+def test_card_is_frozen_and_round_trips(tiny_export):
+    card = read_card(tiny_export.out / "frame.onnx")
+    with pytest.raises(AttributeError):
+        card.fps = 30
+    with pytest.raises(TypeError):
+        card.inputs["pcm"] = ("B", 1)
+    assert card_from_dict(json.loads(card.to_json())) == card
+
+
+def test_load_model_dir_errors(tiny_export, tmp_path):
+    with pytest.raises(ModelCardError, match="does not exist: run avatar-export"):
+        load_model_dir(tmp_path / "nowhere")
+    d = tmp_path / "partial"
+    d.mkdir()
+    shutil.copy(tiny_export.out / "identity.onnx", d / "identity.onnx")
+    with pytest.raises(ModelCardError, match=r"frame\.onnx is missing"):
+        load_model_dir(d)
+    # a graph file holding another graph's card
+    shutil.copy(tiny_export.out / "identity.onnx", d / "frame.onnx")
+    shutil.copy(tiny_export.out / "tcsan_decoder.onnx", d / "tcsan_decoder.onnx")
+    with pytest.raises(ModelCardError, match="carries the card of graph 'identity', not 'frame'"):
+        load_model_dir(d)
+
+
+def test_load_model_dir_refuses_mixed_exports(tiny_export, tmp_path):
+    import onnx
+
+    d = tmp_path / "mixed"
+    shutil.copytree(tiny_export.out, d)
+    model = onnx.load(str(d / "frame.onnx"))
+    entry = next(p for p in model.metadata_props if p.key == CARD_KEY)
+    data = json.loads(entry.value)
+    data["checkpoint_sha256"] = "f" * 64
+    entry.value = json.dumps(data)
+    onnx.save(model, str(d / "frame.onnx"))
+    with pytest.raises(ModelCardError, match="graphs disagree on checkpoint_sha256"):
+        load_model_dir(d)
+    assert set(load_model_dir(tiny_export.out)) == set(GRAPH_FILES)
+
+
+# ---------------------------------------------------------------------------- TensorRT sidecars
+
+
+def test_sidecar_mismatch_reasons(tmp_path):
+    engine, sidecar = tmp_path / "frame.fp16.engine", tmp_path / "frame.fp16.engine.json"
+    want = {"tensorrt_version": "10.13.0", "gpu": "NVIDIA H100", "precision": "fp16", "onnx_sha256": "ab",
+            "batch_max": 8}
+    assert runners.sidecar_mismatch(engine, sidecar, want) == "no engine built yet"
+    engine.write_bytes(b"engine")
+    assert "is missing" in runners.sidecar_mismatch(engine, sidecar, want)
+    sidecar.write_text(json.dumps({**want, "gpu": "NVIDIA A100", "tensorrt_version": "10.3.0"}))
+    reason = runners.sidecar_mismatch(engine, sidecar, want)
+    assert "gpu 'NVIDIA A100' != 'NVIDIA H100'" in reason and "tensorrt_version '10.3.0' != '10.13.0'" in reason
+    sidecar.write_text(json.dumps({**want, "opt_batch": 1}))
+    assert runners.sidecar_mismatch(engine, sidecar, want) is None
+
+
+def test_engine_paths_per_precision(tiny_export):
+    e16, s16 = runners.engine_paths(tiny_export.out / "frame.onnx", "fp16")
+    assert e16 == tiny_export.out / "tensorrt" / "frame.fp16.engine" and s16.name == "frame.fp16.engine.json"
+    assert runners.engine_paths(tiny_export.out / "frame.onnx", "fp32")[0].name == "frame.fp32.engine"
+
+
+@pytest.mark.gpu
+@requires_trt
+def test_trt_runner_matches_onnxruntime_and_rebuilds_on_mismatch(tiny_export, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_export.out, d)
+    rng = np.random.default_rng(0)
+    pcm = (0.1 * rng.standard_normal((4, 4720))).astype(np.float32)
+    ref = OrtRunner(d / "frame.onnx").run({"pcm": pcm})
+    with TrtRunner(d / "frame.onnx", fp16=False, batch_max=4) as trt:
+        assert trt.providers[0].startswith("TensorRT")
+        for b in (1, 4):
+            got = trt.run({"pcm": pcm[:b]})
+            for k in ref:
+                assert np.abs(got[k] - ref[k][:b]).max() <= 1e-3 * max(1.0, np.abs(ref[k]).max())
+        engine = trt.engine_path
+    sidecar = engine.with_suffix(".engine.json")
+    data = json.loads(sidecar.read_text())
+    data["tensorrt_version"] = "0.0.0"
+    sidecar.write_text(json.dumps(data))
+    before = engine.stat().st_mtime_ns
+    with TrtRunner(d / "frame.onnx", fp16=False, batch_max=4) as trt:  # must rebuild, not load
+        trt.run({"pcm": pcm[:1]})
+    assert engine.stat().st_mtime_ns != before
+    assert json.loads(sidecar.read_text())["tensorrt_version"] == runners.tensorrt_version()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu with the CUDA provider")
+def test_ort_cuda_matches_cpu(tiny_export):
+    feed = {"face": np.random.default_rng(0).random((2, 3, 112, 112), dtype=np.float32)}
+    cpu = OrtRunner(tiny_export.out / "identity.onnx").run(feed)
+    cuda = OrtRunner(tiny_export.out / "identity.onnx", "cuda", require=True)
+    got = cuda.run(feed)
+    for k in cpu:
+        assert np.abs(got[k] - cpu[k]).max() <= 1e-3 * max(1.0, np.abs(cpu[k]).max())
