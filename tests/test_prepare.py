@@ -20,6 +20,7 @@ from avatar_stream.training.data import (
     MFCCCache,
     ShardError,
     load_clip,
+    load_frames,
     read_index,
     read_split,
     window_starts,
@@ -101,6 +102,20 @@ def test_clip_dataset_edge_replication_and_mfcc(tmp_path):
     np.testing.assert_array_equal(MFCCCache(tmp_path).get(read_index(tmp_path)[0]), np.load(cached[0]))
     whole = ClipDataset(tmp_path, "train", context=r, clip_len=None)
     assert len(whole) == 1 and whole[0].frames.shape[0] == 6 and whole[0].mfcc.shape[0] == 10
+
+
+def test_load_frames_reads_rows_in_place(tmp_path):
+    frames, audio, ident = _clip(9)
+    e = write_clip(tmp_path, "s1", "a", frames, audio, ident)
+    idx = np.array([8, 0, 3, 3])
+    np.testing.assert_array_equal(load_frames(tmp_path, e, idx), frames[idx])
+    # A compressed npz (np.savez_compressed, e.g. written by hand) is read the slow way.
+    arrays = dict(np.load(tmp_path / e["path"]))
+    np.savez_compressed(tmp_path / e["path"], **arrays)
+    np.testing.assert_array_equal(load_frames(tmp_path, e, idx), frames[idx])
+    (tmp_path / e["path"]).write_bytes(b"not a zip")
+    with pytest.raises(ShardError, match="re-run prepare"):
+        load_frames(tmp_path, e, idx)
 
 
 def test_window_starts_cover_every_frame():
@@ -216,6 +231,8 @@ def test_prepare_skips_corrupt_and_faceless_clips(tmp_path):
     reasons = {s["utt"]: s["reason"] for s in skipped}
     assert reasons["broken"].startswith("corrupt video"), reasons
     assert reasons["noface"].startswith("no face"), reasons
+    with pytest.raises(FileNotFoundError, match="s9"):
+        prepare("grid", src, tmp_path / "out", speakers=["s9"], progress=False)
 
 
 # ----------------------------------------------------------------------------- real GRID clips

@@ -93,7 +93,8 @@ def cmd_prepare(args) -> int:
     from .prepare import prepare
 
     report = prepare(args.corpus, args.root, args.out, openface=args.openface, split_file=args.split_file,
-                     workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.no_progress)
+                     workers=args.workers, retry_skipped=args.retry_skipped, progress=not args.no_progress,
+                     speakers=[x for x in (args.speakers or "").split(",") if x])
     print(f"{args.out}: {report.summary()}")
     if report.skipped:
         print(f"skipped clips and reasons: {Path(args.out) / 'skipped.json'}")
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     prep.add_argument("--openface", type=Path, help="folder of OpenFace CSVs, one per clip (AU labels)")
     prep.add_argument("--split-file", type=Path, help='JSON {"train": [...], "test": [...]} of speakers')
+    prep.add_argument("--speakers", help="only these speakers, comma-separated (e.g. s1,s2,s3)")
     prep.add_argument("--workers", type=int, default=1, help="processes (face alignment is the cost)")
     prep.add_argument("--retry-skipped", action="store_true", help="retry clips listed in OUT/skipped.json")
     prep.add_argument("--no-progress", action="store_true")

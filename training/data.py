@@ -22,7 +22,9 @@ import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
+import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,6 +200,44 @@ def load_clip(root, entry: dict, keys=("frames", "audio", "identity", "au", "au_
         raise ShardError(f"cannot read {path} ({e}): delete it and re-run prepare to rewrite it") from e
 
 
+def _stored_member(path: Path, name: str) -> tuple[int, tuple, np.dtype] | None:
+    """(file offset of the data, shape, dtype) of an uncompressed C-order .npy member of an
+    npz, or None where it cannot be read in place (compressed, Fortran order)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        n_name, n_extra = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + n_name + n_extra)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        return (None if fortran else (f.tell(), shape, dtype))
+
+
+def load_frames(root, entry: dict, idx) -> np.ndarray:
+    """Frames ``idx`` (int array) of one clip, uint8 ``(len(idx), 112, 112, 3)``, read in place
+    (np.savez stores members uncompressed, so only the asked rows leave the disk)."""
+    path = Path(root) / entry["path"]
+    idx = np.asarray(idx, dtype=np.int64)
+    try:
+        member = _stored_member(path, "frames.npy")
+        if member is None:
+            return load_clip(root, entry, ("frames",))["frames"][idx]
+        offset, shape, dtype = member
+        frames = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        return np.ascontiguousarray(frames[idx])
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as e:
+        raise ShardError(f"cannot read frames of {path} ({e}): delete it and re-run prepare to rewrite it") from e
+
+
 # ----------------------------------------------------------------------------- MFCC cache
 
 
@@ -309,17 +349,17 @@ class ClipDataset(Dataset):
     def __getitem__(self, i: int) -> ClipSample:
         ci, start = self.samples[i]
         entry = self.entries[ci]
-        clip = load_clip(self.root, entry)
+        clip = load_clip(self.root, entry, ("identity", "au", "au_label"))
         if self._mfcc is None:
             self._mfcc = MFCCCache(self.root)
-        mfcc = self._mfcc.get(entry, clip["audio"])
+        mfcc = self._mfcc.get(entry)
         n = entry["frames"]
         t = n if self.clip_len is None else self.clip_len
         ctx = np.clip(np.arange(start - self.context, start + t + self.context), 0, n - 1)
         return ClipSample(
             identity=_to_chw(clip["identity"]),
             mfcc=torch.from_numpy(mfcc[ctx]),
-            frames=_to_chw(clip["frames"][start : start + t]),
+            frames=_to_chw(load_frames(self.root, entry, np.arange(start, start + t))),
             au=torch.from_numpy(clip["au"][start : start + t].astype(np.float32)),
             au_label=torch.from_numpy(clip["au_label"][start : start + t].astype(np.float32)),
         )
@@ -372,8 +412,8 @@ class AUFrameDataset(_FrameChunks):
     def __getitem__(self, i: int):
         ci, j = self.items[i]
         idx = self._frames(ci, j)
-        frames = load_clip(self.root, self.entries[ci], ("frames",))["frames"]
-        lower = _to_chw(frames[idx, CROP // 2 :])
+        frames = load_frames(self.root, self.entries[ci], idx)
+        lower = _to_chw(frames[:, CROP // 2 :])
         return (lower, *self.labels(ci, idx))
 
 

@@ -129,12 +129,15 @@ def _results(opts: EvalOptions, acc: _Acc, n_clips: int) -> dict:
     res = {"checkpoint": str(opts.checkpoint), "data": str(opts.data), "split": opts.split,
            "corpus": _corpus(opts.data), "clips": n_clips, "frames": len(acc.psnr),
            "psnr": _mean(acc.psnr), "ssim": _mean(acc.ssim), "lmd": _mean(acc.lmd),
-           "identity_similarity": _mean(acc.idsim), "au_generated": None, "au_real": None}
+           "identity_similarity": _mean(acc.idsim), "au_generated": None, "au_real": None,
+           "au_note": "no AU classifier: pass --au-classifier, or evaluate a checkpoint trained with one"}
     if acc.labels:
         labels, valid = np.concatenate(acc.labels), np.concatenate(acc.valid)
+        res["au_note"] = f"no AU labels in the {opts.split} split (prepare with --openface)"
         if valid.any():
             res["au_generated"] = au_scores(np.concatenate(acc.gen_p), labels, valid).to_dict()
             res["au_real"] = au_scores(np.concatenate(acc.real_p), labels, valid).to_dict()
+            res["au_note"] = None
     return res
 
 
@@ -169,7 +172,7 @@ def format_tables(res: dict) -> str:
     for label, key in (("classifier on real frames", "au_real"), ("this checkpoint", "au_generated")):
         s = res.get(key)
         if s is None:
-            t6.append(f"| {label:<28} | {dash} | {'–':>6} | {'–':>7} |  (no AU labels or no AU classifier)")
+            t6.append(f"| {label:<28} | {dash} | {'–':>6} | {'–':>7} |  ({res['au_note']})")
             continue
         per = " | ".join(_f(s["per_au"][a]["f1"], "5.3f") for a in AU_NAMES)
         m_acc = s["mean_accuracy"]

@@ -270,9 +270,16 @@ def _work(item: VideoItem, out: Path, openface_dir: Path | None) -> tuple[VideoI
 
 
 def prepare(corpus: str, root, out, openface=None, split_file=None, workers: int = 1,
-            retry_skipped: bool = False, progress: bool = True) -> PrepareReport:
-    """Prepare every clip of ``corpus`` under ``root`` into shards at ``out`` (resumable)."""
+            retry_skipped: bool = False, progress: bool = True, speakers=None) -> PrepareReport:
+    """Prepare every clip of ``corpus`` under ``root`` (only ``speakers`` if given) into shards
+    at ``out`` (resumable)."""
     items = LAYOUTS[corpus](root)
+    if speakers:
+        found = {i.speaker for i in items}
+        missing = sorted(set(speakers) - found, key=_natural)
+        if missing:
+            raise FileNotFoundError(f"speakers {missing} have no videos under {root} (found {sorted(found, key=_natural)})")
+        items = [i for i in items if i.speaker in set(speakers)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     openface_dir = Path(openface) if openface else None

@@ -31,7 +31,7 @@ from .config import ModelConfig
 from .data import AudioAUDataset, AUFrameDataset, ClipDataset, ShardError, au_occurrence_rates, read_split
 from .ddp import DistInfo, seed_everything
 from .loop import LoopOptions, Task, run
-from .losses import TotalLoss, au_loss
+from .losses import TotalLoss, au_loss, au_weights
 from .models import AUClassifier, TalkingHead
 from .modules import Audio2AU
 
@@ -235,6 +235,20 @@ def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
     return model, clf, groups, w_au
 
 
+def _au_weighting(data: Path, w_au: float, info: DistInfo) -> tuple[torch.Tensor | None, float]:
+    """L_au's per-AU weights from the training split's occurrence rates, and the effective w_au
+    (0 when the split has no AU labels)."""
+    if w_au <= 0:
+        return None, 0.0
+    rates = au_occurrence_rates(data, "train")
+    if not np.isfinite(rates).all():
+        if info.main:
+            warnings.warn(f"{data} has no AU labels in its training split: L_au is off", stacklevel=3)
+        return None, 0.0
+    # An AU that never occurs would get an infinite weight: floor its rate.
+    return au_weights(np.clip(rates, 1e-3, 1.0)), w_au
+
+
 def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
     """Train the full model (paper §3.2)."""
     if cfg.w_per > 0 and opts.vgg_weights is None:
@@ -244,17 +258,7 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
     train_set = ClipDataset(opts.data, "train", context=r, clip_len=opts.clip_len)
     val_set = ClipDataset(opts.data, "test", context=r, clip_len=opts.clip_len) if _has_val(opts.data) else None
     model, clf, groups, w_au = _train_parts(cfg, opts, info)
-    au_w = None
-    if w_au > 0:
-        rates = au_occurrence_rates(opts.data, "train")
-        if not np.isfinite(rates).all():
-            if info.main:
-                warnings.warn(f"{opts.data} has no AU labels in its training split: L_au is off", stacklevel=2)
-            w_au = 0.0
-        else:
-            from .losses import au_weights
-
-            au_w = au_weights(np.clip(rates, 1e-3, 1.0))
+    au_w, w_au = _au_weighting(opts.data, w_au, info)
     if w_au > 0:
         groups.append({"params": list(clf.parameters()), "lr": opts.lr_au_classifier, "name": "au_classifier"})
     elif clf is not None:
