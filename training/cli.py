@@ -2,6 +2,7 @@
 
     avatar-train prepare grid ROOT --out DATA [--openface DIR] [--split-file F] [--workers N]
     avatar-train prepare tcd-timit ROOT --out DATA ...
+    avatar-train synth --faces PHOTOS --out DATA --utterances N   (training/synth.py)
     avatar-train pretrain-au --data DATA --out RUN_AU
     avatar-train pretrain-au-classifier --data DATA --out RUN_CLF
     avatar-train train --data DATA --out RUN --audio2au RUN_AU/best.safetensors \\
@@ -15,6 +16,7 @@ CPU, NCCL on GPUs). argv is parsed here only; the stages take frozen option data
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -163,7 +165,7 @@ def _cuda() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="avatar-train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="avatar-train", description="avatar-stream dataset preparation, training stages and evaluation.")
     p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -178,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--retry-skipped", action="store_true", help="retry clips listed in OUT/skipped.json")
     prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=cmd_prepare)
+
+    if importlib.util.find_spec("avatar_stream.training.synth") is not None:
+        from . import synth
+
+        syn = sub.add_parser("synth", help="make a GRID-shaped corpus with AU labels (DESIGN.md §5)")
+        synth.add_arguments(syn)
+        syn.set_defaults(func=synth.main_synth)
 
     for name, func, help_ in (("pretrain-au", cmd_pretrain_au, "pretrain Audio2AU (MFCC -> AU occurrence)"),
                               ("pretrain-au-classifier", cmd_pretrain_au_classifier,
