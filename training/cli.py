@@ -23,9 +23,6 @@ import sys
 import warnings
 from pathlib import Path
 
-# A one-line "UserWarning: ..." with no source line is what a user should see.
-warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"
-
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (the same flags for every stage of one model)")
@@ -226,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, *args, **kwargs) -> str:
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    # A one-line "UserWarning: ..." with no source line is what a user should see.
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     from avatar_stream.engine.face import FaceError
 
