@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import onnx
 import torch
-
 from avatar_stream import __version__
 from avatar_stream.engine import timebase
 from avatar_stream.engine.card import (

@@ -16,11 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from avatar_stream.engine import timebase
 from avatar_stream.engine.card import GRAPH_IO
 from avatar_stream.training.mfcc import MFCC
+from torch import nn
 
 N_SKIPS = 4
 

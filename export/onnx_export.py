@@ -18,7 +18,6 @@ from pathlib import Path
 
 import onnx
 import torch
-
 from avatar_stream import __version__
 from avatar_stream.engine.card import GRAPH_FILES, ModelCard
 from avatar_stream.engine.runners import file_sha256

@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-
 from avatar_stream import ASSETS
 from avatar_stream.engine import timebase
 from avatar_stream.export.graphs import SPEC_BY_NAME, run_torch

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
 from avatar_stream.engine.card import GRAPH_FILES, read_card
 from avatar_stream.engine.runners import (
     DEFAULT_BATCH_MAX,

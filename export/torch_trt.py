@@ -15,7 +15,6 @@ import inspect
 from pathlib import Path
 
 import torch
-
 from avatar_stream.export.graphs import SPEC_BY_NAME, SPECS, example_inputs, run_torch
 from avatar_stream.export.parity import ParityResult
 

@@ -74,108 +74,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _trained_like(model, seed: int = 0):
-    """Give a random TalkingHead the activation scale of a trained one, so that tests can see
-    its output move with the audio (PyTorch's default init leaves the frame almost constant:
-    frame-to-frame changes of 1e-5). Kaiming-normal conv/linear weights, then batch-norm
-    statistics measured on the bundled face and speech, as training would leave them."""
-    import torch
-    from avatar_stream import ASSETS
-    from avatar_stream.engine.audio import load_audio
-    from avatar_stream.engine.image_io import read_image
-    from avatar_stream.training.mfcc import mfcc_windows
-    from torch import nn
-
-    torch.manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
-            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the calibration batch
-    face = torch.from_numpy(read_image(ASSETS / "face.jpg")).permute(2, 0, 1)[None].float() / 255.0
-    face = torch.nn.functional.interpolate(face, size=(model.cfg.image_size,) * 2, mode="area")
-    model.train()
-    with torch.no_grad():
-        model.frame_features(mfcc_windows(load_audio(ASSETS / "speech.wav")))
-        model.encode_identity(torch.cat([face, face.flip(-1)]))
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """A tiny TalkingHead with trained-like activations, saved as a checkpoint and exported by the
-    ``avatar-export`` CLI (fp32, parity-gated). SimpleNamespace(model, checkpoint, out, stdout)."""
+    """A tiny TalkingHead with trained-like activations (``export.measure.trained_like``: with
+    PyTorch's default init the frame hardly moves with the audio, so streaming/precision tests
+    could not see a mistake), saved as a checkpoint and exported by the ``avatar-export`` CLI
+    (fp32, parity-gated). SimpleNamespace(model, checkpoint, out, stdout)."""
     import contextlib
     import io
     from types import SimpleNamespace
 
     import torch
     from avatar_stream.export.cli import main
+    from avatar_stream.export.measure import trained_like
     from avatar_stream.training.checkpoint import build_model_from_checkpoint, save_checkpoint
     from avatar_stream.training.config import ModelConfig
     from avatar_stream.training.models import TalkingHead
 
     torch.manual_seed(0)
-    model = _trained_like(TalkingHead(ModelConfig.tiny()))
-    d = tmp_path_factory.mktemp("tiny_export")
-    ckpt = save_checkpoint(d / "ckpt" / "tiny", {"generator": model.state_dict()}, model.cfg)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(["--checkpoint", str(ckpt), "--out", str(d / "model")])
-    assert rc == 0, buf.getvalue()
-    return SimpleNamespace(model=build_model_from_checkpoint(ckpt), checkpoint=ckpt, out=d / "model",
-                           stdout=buf.getvalue())
-
-
-def _trained_like(model, seed: int = 0):
-    """Give a random TalkingHead the activation scale of a trained one, so that tests can see
-    its output move with the audio (PyTorch's default init leaves the frame almost constant:
-    frame-to-frame changes of 1e-5). Kaiming-normal conv/linear weights, then batch-norm
-    statistics measured on the bundled face and speech, as training would leave them."""
-    import torch
-    from avatar_stream import ASSETS
-    from avatar_stream.engine.audio import load_audio
-    from avatar_stream.engine.image_io import read_image
-    from avatar_stream.training.mfcc import mfcc_windows
-    from torch import nn
-
-    torch.manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
-            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the calibration batch
-    face = torch.from_numpy(read_image(ASSETS / "face.jpg")).permute(2, 0, 1)[None].float() / 255.0
-    face = torch.nn.functional.interpolate(face, size=(model.cfg.image_size,) * 2, mode="area")
-    model.train()
-    with torch.no_grad():
-        model.frame_features(mfcc_windows(load_audio(ASSETS / "speech.wav")))
-        model.encode_identity(torch.cat([face, face.flip(-1)]))
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory):
-    """A tiny TalkingHead with trained-like activations, saved as a checkpoint and exported by the
-    ``avatar-export`` CLI (fp32, parity-gated). SimpleNamespace(model, checkpoint, out, stdout)."""
-    import contextlib
-    import io
-    from types import SimpleNamespace
-
-    import torch
-    from avatar_stream.export.cli import main
-    from avatar_stream.training.checkpoint import build_model_from_checkpoint, save_checkpoint
-    from avatar_stream.training.config import ModelConfig
-    from avatar_stream.training.models import TalkingHead
-
-    torch.manual_seed(0)
-    model = _trained_like(TalkingHead(ModelConfig.tiny()))
+    model = trained_like(TalkingHead(ModelConfig.tiny()))
     d = tmp_path_factory.mktemp("tiny_export")
     ckpt = save_checkpoint(d / "ckpt" / "tiny", {"generator": model.state_dict()}, model.cfg)
     buf = io.StringIO()

@@ -9,7 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from avatar_stream.engine import runners
 from avatar_stream.engine.card import (
     CARD_KEY,
