@@ -27,15 +27,23 @@ def exporter_version(opset: int) -> str:
     return f"avatar-export {__version__} (torch {torch.__version__}, onnx {onnx.__version__}, opset {opset})"
 
 
+def check_servable(cfg) -> None:
+    """Raise ValueError (one line) when the engine cannot serve a model of this config."""
+    if cfg.image_size != IMAGE_SIZE:
+        raise ValueError(f"model image_size {cfg.image_size} differs from the engine's {IMAGE_SIZE}: "
+                         f"the engine's face crop is fixed at {IMAGE_SIZE}; train at {IMAGE_SIZE}")
+    if tuple(cfg.au_names) != timebase.AU_NAMES:
+        raise ValueError(f"model AU order {list(cfg.au_names)} differs from {list(timebase.AU_NAMES)}: "
+                         f"the engine reports AUs in that order; train with that order")
+    if not cfg.audio2au:
+        raise ValueError("the model is an ablation without Audio2AU: frame.onnx must output au_prob; "
+                         "export a model trained with audio2au=True")
+
+
 def build_card(graph: str, cfg, inputs: Mapping[str, list], outputs: Mapping[str, list], *,
                checkpoint_sha256: str, precision: str, parity: Mapping[str, float], exporter: str) -> ModelCard:
     """The validated card of one graph. ``cfg`` is the model's ModelConfig."""
-    if cfg.image_size != IMAGE_SIZE:
-        raise ValueError(f"model image_size {cfg.image_size} differs from the engine's {IMAGE_SIZE}: "
-                         f"the engine's face crop is fixed at {IMAGE_SIZE}")
-    if tuple(cfg.au_names) != timebase.AU_NAMES:
-        raise ValueError(f"model AU order {list(cfg.au_names)} differs from {list(timebase.AU_NAMES)}: "
-                         f"the engine reports AUs in that order")
+    check_servable(cfg)
     data = {
         "format": CARD_FORMAT,
         "card_version": CARD_VERSION,

@@ -46,6 +46,7 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def _load(args) -> tuple[object, str]:
     from avatar_stream.engine.runners import file_sha256
+    from avatar_stream.export.card import check_servable
     from avatar_stream.training.checkpoint import build_model_from_checkpoint
 
     ckpt = args.checkpoint
@@ -55,9 +56,10 @@ def _load(args) -> tuple[object, str]:
     if not ckpt.is_file():
         raise ValueError(f"checkpoint {args.checkpoint} not found: pass the <stem>.safetensors written by avatar-train")
     model = build_model_from_checkpoint(ckpt, args.module)
-    if not model.cfg.audio2au:
-        raise ValueError(f"{ckpt} is an ablation without Audio2AU: frame.onnx must output au_prob; "
-                         f"export a model trained with audio2au=True")
+    try:
+        check_servable(model.cfg)
+    except ValueError as e:
+        raise ValueError(f"{ckpt}: {e}") from None
     return model, file_sha256(ckpt)
 
 

@@ -242,6 +242,19 @@ def test_cli_one_line_errors(tmp_path, tiny_export):
     code, err = run("--checkpoint", str(tmp_path / "foreign.safetensors"), "--out", str(tmp_path / "o"))
     assert code == 2 and err.count("\n") == 1 and "not an avatar-stream checkpoint" in err
 
+    # an avatar-stream checkpoint whose config this version does not know / cannot serve
+    from avatar_stream.training.checkpoint import FORMAT, save_checkpoint
+
+    cfg = json.loads(tiny_export.model.cfg.to_json())
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "future.safetensors"),
+              metadata={"format": FORMAT, "format_version": "1", "config": json.dumps({**cfg, "new_knob": 3})})
+    code, err = run("--checkpoint", str(tmp_path / "future.safetensors"), "--out", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and "new_knob" in err
+    ablation = TalkingHead(ModelConfig.tiny(audio2au=False))
+    path = save_checkpoint(tmp_path / "ablation", {"generator": ablation.state_dict()}, ablation.cfg)
+    code, err = run("--checkpoint", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and "without Audio2AU" in err
+
     code, err = run("--checkpoint", str(tiny_export.checkpoint), "--out", str(tmp_path / "o"), "--fp16")
     assert code == 2 and "--tensorrt" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
