@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import json
 import os
 import struct
@@ -210,6 +211,7 @@ class Voice:
     pitch: int = 50
 
 
+@functools.cache
 def english_voices() -> tuple[str, ...]:
     """Every English base voice of this espeak-ng installation (mbrola voices excluded:
     they need non-free data) combined with every installed ``HUMAN_VARIANTS`` entry,
@@ -254,16 +256,16 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50
     """Speak ``text`` (UTF-8; ``[[...]]`` is read as espeak phonemes) with an espeak-ng voice.
 
     Bit-exact for a fixed ``(text, voice, rate, pitch)``. Raises ``ValueError`` for an unknown
-    voice, a rate outside 80-450 wpm, a pitch outside 0-100 or text that yields no speech.
+    voice, a rate outside 80-450 wpm, a pitch outside 0-100 or text with nothing to speak.
     """
     if not 80 <= rate <= 450:
         raise ValueError(f"espeak-ng rate {rate} wpm is outside 80-450; use e.g. {RATE_RANGE}")
     if not 0 <= pitch <= 100:
         raise ValueError(f"espeak-ng pitch {pitch} is outside 0-100; 50 is the voice's own pitch")
     header, pcm = _zygote_call({"op": "synth", "text": text, "voice": voice, "rate": rate, "pitch": pitch})
+    if all(name.startswith("_") for name, _ in header["phonemes"]):  # pauses only, or nothing
+        raise ValueError(f"espeak-ng found nothing to speak in {text!r}: give it words")
     audio22 = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-    if audio22.size == 0:
-        raise ValueError(f"espeak-ng produced no audio for {text!r}: give it words to speak")
     audio = resample(audio22, header["sample_rate"])
     phonemes = _phonemes_16k(header["phonemes"], header["sample_rate"], len(audio))
     return Utterance(text=text, voice=Voice(voice, rate, pitch), audio=audio, phonemes=phonemes)
@@ -465,20 +467,26 @@ class _Zygote:
 
     def call(self, req: dict) -> tuple[dict, bytes]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(req).encode() + b"\n")
-        self.proc.stdin.flush()
-        sizes = self.proc.stdout.read(8)
-        if len(sizes) < 8:
-            raise RuntimeError("the espeak-ng helper process exited: see its message above on stderr")
-        n_head, n_payload = struct.unpack("<II", sizes)
-        header = json.loads(self.proc.stdout.read(n_head))
-        payload = self.proc.stdout.read(n_payload)
-        return header, payload
+        try:
+            self.proc.stdin.write(json.dumps(req).encode() + b"\n")
+            self.proc.stdin.flush()
+            n_head, n_payload = struct.unpack("<II", self._read(8))
+            return json.loads(self._read(n_head)), self._read(n_payload)
+        except (OSError, EOFError, struct.error) as e:
+            raise RuntimeError(
+                f"the espeak-ng helper process failed ({e}); its own message is on stderr"
+            ) from e
+
+    def _read(self, n: int) -> bytes:
+        data = self.proc.stdout.read(n)  # type: ignore[union-attr]
+        if len(data) != n:
+            raise EOFError(f"helper exited mid-reply ({len(data)} of {n} bytes)")
+        return data
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
             self.proc.stdin.close()  # EOF ends the serve loop
-        self.proc.wait(timeout=10)
+            self.proc.wait(timeout=10)
 
 
 _LOCK = threading.Lock()
@@ -492,7 +500,21 @@ def _zygote_call(req: dict) -> tuple[dict, bytes]:
         if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
             _ZYGOTE = _Zygote()
             atexit.register(_ZYGOTE.close)  # a restarted zygote registers its own close
-        header, payload = _ZYGOTE.call(req)
+        try:
+            header, payload = _ZYGOTE.call(req)
+        except RuntimeError:
+            _ZYGOTE = None  # the stream is out of step: the next call starts a new helper
+            raise
     if "error" in header:
         raise (ValueError if header.get("value_error") else RuntimeError)(header["error"])
     return header, payload
+
+
+def _forget_zygote() -> None:
+    # A forked child (a DataLoader or multiprocessing worker) must not share the parent's
+    # pipes, whose replies would interleave, nor a lock another thread held at fork time.
+    global _ZYGOTE, _LOCK
+    _ZYGOTE, _LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_zygote)
