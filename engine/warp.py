@@ -244,7 +244,7 @@ class FaceWarper:
                 lum = inside @ np.array([0.3, 0.59, 0.11])
                 teeth = inside[lum >= np.percentile(lum, 75)].mean(0)
         cavity = lip * np.array([0.32, 0.16, 0.17])
-        return _Tints(cavity=cavity, teeth=np.clip(teeth, 0, 245), tongue=lip * np.array([0.75, 0.42, 0.42]),
+        return _Tints(cavity=cavity, teeth=np.clip(teeth, 0, 245), tongue=lip * np.array([0.55, 0.28, 0.28]),
                       crease=0.16)
 
     def _mask(self, poly: np.ndarray, hole: np.ndarray | None = None) -> np.ndarray:
@@ -295,8 +295,9 @@ class FaceWarper:
         return self.src + lo * (dst - self.src)
 
     def _piecewise_affine(self, dst: np.ndarray) -> np.ndarray:
-        """Backward map: each pixel of a moved triangle samples the photo at the same
-        barycentric coordinates in the photo's triangle, built densely from a triangle-id raster."""
+        """Backward map over the box of the moved triangles: each pixel samples the photo
+        through the affine map (dst -> src) of the triangle that owns it in a triangle-id
+        raster; pixels of no moved triangle map onto themselves, which remap copies exactly."""
         out = self.image.copy()
         moving = np.abs(dst - self.src).max(1) > 1e-9
         active = self.triangles[moving[self.triangles].any(1)]
@@ -308,37 +309,24 @@ class FaceWarper:
         x1, y1 = np.minimum(np.ceil(pts.reshape(-1, 2).max(0)).astype(int) + 1, (w, h))
         if x1 <= x0 or y1 <= y0:
             return out
-        # Pixels on a shared edge go to the triangle drawn last: draw the largest last, so
-        # that sliver triangles (inner lips nearly closed) keep only pixels truly inside them.
+        # Pixels on a shared edge go to the triangle drawn last: draw the largest last, so that
+        # sliver triangles (inner lips nearly closed) keep only pixels inside them; a sliver's
+        # steep affine map would throw a pixel just outside it far across the photo.
         order = np.argsort(np.abs(signed_area(dst, active)), kind="stable")
         labels = np.zeros((y1 - y0, x1 - x0), np.uint16)
         fixed = np.round((pts - (x0, y0)) * 16).astype(np.int32)
         for i in order:
             cv2.fillConvexPoly(labels, fixed[i], int(i) + 1, lineType=cv2.LINE_8, shift=4)
-        ys, xs = np.nonzero(labels)
-        if len(xs) == 0:
-            return out
-        coef = np.empty((len(active), 15), np.float32)
-        coef[:, :9] = self._barycentric(pts).reshape(-1, 9)
-        coef[:, 9:] = self.src[active].reshape(-1, 6)
-        sel = coef[labels[ys, xs].astype(np.intp) - 1]  # (N, 15) for the N covered pixels
-        px = (xs + x0).astype(np.float32)[:, None]
-        py = (ys + y0).astype(np.float32)[:, None]
-        lam = sel[:, 0:9:3] * px + sel[:, 1:9:3] * py + sel[:, 2:9:3]
-        # Clamp to the triangle: a raster pixel just outside a sliver would otherwise be
-        # extrapolated far across the photo by that sliver's steep affine map.
-        np.maximum(lam, 0.0, out=lam)
-        lam /= np.maximum(lam.sum(1, keepdims=True), 1e-12)
-        mx = np.einsum("nk,nk->n", lam, sel[:, 9:15:2])
-        my = np.einsum("nk,nk->n", lam, sel[:, 10:15:2])
-        # remap wants 2-D maps under 32767 per side: fold the pixel list into rows of 1024.
-        n = len(mx)
-        rows = -(-n // 1024)
-        mxy = np.zeros((2, rows * 1024), np.float32)
-        mxy[0, :n], mxy[1, :n] = mx, my
-        patch = cv2.remap(self.image, mxy[0].reshape(rows, 1024), mxy[1].reshape(rows, 1024), cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REFLECT_101)
-        out[ys + y0, xs + x0] = patch.reshape(-1, 3)[:n]
+        coef = np.empty((len(active) + 1, 6), np.float32)
+        coef[0] = (1, 0, 0, 0, 1, 0)  # label 0: identity
+        # src = S^T lam and lam = B [x y 1]: the affine map is S^T B.
+        coef[1:] = np.einsum("mkd,mkj->mdj", self.src[active], self._barycentric(pts)).reshape(-1, 6)
+        sel = coef[labels]  # (h, w, 6)
+        gx = np.arange(x0, x1, dtype=np.float32)[None, :]
+        gy = np.arange(y0, y1, dtype=np.float32)[:, None]
+        mx = sel[..., 0] * gx + sel[..., 1] * gy + sel[..., 2]
+        my = sel[..., 3] * gx + sel[..., 4] * gy + sel[..., 5]
+        out[y0:y1, x0:x1] = cv2.remap(self.image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
         return out
 
     @staticmethod
@@ -376,7 +364,7 @@ class FaceWarper:
 
     def _draw_cavity(self, out: np.ndarray, lm: np.ndarray, opening: float) -> None:
         h = self.face_height
-        inner = lm[60:68]
+        inner = _closed_spline(lm[60:68])  # lips are curves, not the 8-point polygon
         x0, y0, x1, y1 = self._region(inner, 3)
         if x1 <= x0 or y1 <= y0:
             return
@@ -394,9 +382,9 @@ class FaceWarper:
         teeth *= float(np.clip((opening - 0.01 * h) / (0.02 * h), 0, 1))
         # Tongue: low in the mouth, visible once the mouth is well open.
         lower = lm[[64, 65, 66, 67, 60]]
-        tongue_poly = np.vstack([lower, (lower - 0.35 * gap * ey)[::-1]])
+        tongue_poly = np.vstack([lower, (lower - 0.25 * gap * ey)[::-1]])
         tongue = self._poly_mask(size, tongue_poly - off, 3 * sigma) * cav
-        tongue *= float(np.clip((opening - 0.06 * h) / (0.05 * h), 0, 0.8))
+        tongue *= float(np.clip((opening - 0.06 * h) / (0.06 * h), 0, 0.6))
         # Shading: the cavity is darker at the back (middle); teeth and tongue darken towards
         # the corners, where they turn away into the mouth.
         gy, gx = np.mgrid[0 : size[0], 0 : size[1]].astype(np.float32)
@@ -429,6 +417,16 @@ class FaceWarper:
             g = np.exp(-(((gx - c[0]) ** 2 + (gy - c[1]) ** 2) / (2 * rad * rad)))
             dark = 1.0 - self.tints.crease * float(amount) * g[..., None]
             out[y0:y1, x0:x1] = np.clip(np.rint(out[y0:y1, x0:x1] * dark), 0, 255).astype(np.uint8)
+
+
+def _closed_spline(points: np.ndarray, per_segment: int = 6) -> np.ndarray:
+    """Closed Catmull-Rom curve through ``points`` (N, 2), ``per_segment`` samples per edge."""
+    p = np.asarray(points, np.float64)
+    p0, p1, p2, p3 = np.roll(p, 1, 0), p, np.roll(p, -1, 0), np.roll(p, -2, 0)
+    t = (np.arange(per_segment) / per_segment)[:, None, None]
+    curve = 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
+                   + (3 * p1 - p0 - 3 * p2 + p3) * t**3)  # (per_segment, N, 2)
+    return curve.transpose(1, 0, 2).reshape(-1, 2)
 
 
 class WarpRenderer:
