@@ -94,10 +94,13 @@ def _add_missing_words(decoder, words: list[str]) -> None:
     for word in dict.fromkeys(words):
         if decoder.lookup_word(word) is not None:
             continue
-        utt = speech.synthesize(word, "en-us")
-        phones = [a for sym, _, _ in utt.phonemes for a in au_table.espeak_to_arpabet(sym) if a != "SIL"]
-        if not phones:
-            raise AlignmentError(f"cannot pronounce {word!r}: spell it out in words in the transcript")
+        try:
+            utt = speech.synthesize(word, "en-us")
+            phones = [a for sym, _, _ in utt.phonemes for a in au_table.espeak_to_arpabet(sym) if a != "SIL"]
+        except (ValueError, KeyError) as e:
+            raise AlignmentError(
+                f"cannot pronounce {word!r} ({e}); spell it out in words in the transcript"
+            ) from e
         decoder.add_word(word, " ".join(phones), True)
 
 
@@ -191,7 +194,12 @@ def recognize_phones(audio: np.ndarray) -> list[Phone]:
 
 def align_with_fallback(audio: np.ndarray, transcript: str | None) -> tuple[list[Phone], str]:
     """``(phones, method)``: forced alignment when a transcript is given and fits
-    (method ``"forced"``), else the phone loop (method ``"phone_loop"``)."""
+    (method ``"forced"``), else the phone loop (method ``"phone_loop"``).
+
+    A transcript that fits the audio's length but not its words is still placed (the
+    aligner does not judge it); only one that cannot be placed falls back. Audio under
+    100 ms raises ``AlignmentError`` either way.
+    """
     if transcript is not None and normalize_transcript(transcript):
         try:
             return force_align(audio, transcript), "forced"

@@ -7,12 +7,12 @@ in [0, 1]; 0 everywhere is the neutral closed mouth of a portrait photo.
 Phonemes are grouped into visual classes (visemes). Every class has a target intensity per
 AU and a dominance: how strongly the class imposes its shape on its neighbours (a bilabial
 must close the lips whatever surrounds it; /h/ and the reduced vowels borrow their
-neighbours' shape). The table is ``_CLASS_TABLE`` below (parsed into ``CLASSES``), one row per class with the
-reason for its numbers; ``docs/au_table.md`` shows it with the phonemes of each class (``markdown_table()``
-generates it, a test keeps the two equal). Silence is 0 for every AU; bilabials close the
-lips (AU25 0) with the jaw nearly up; f/v lift the upper lip onto the teeth; open vowels
-drop the jaw (AU26 up to 0.9); spread vowels stretch (AU20); rounded vowels and w keep AU20
-at 0 with a small lip opening.
+neighbours' shape). The table is ``_CLASS_TABLE`` below (parsed into ``CLASSES``), one row
+per class with the reason for its numbers; ``docs/au_table.md`` shows it with the phonemes
+of each class (``markdown_table()`` generates it, a test keeps the two equal). Silence is 0
+for every AU; bilabials close the lips (AU25 0) with the jaw nearly up; f/v lift the upper
+lip onto the teeth; open vowels drop the jaw (AU26 up to 0.9); spread vowels stretch (AU20);
+rounded vowels and w keep AU20 at 0 with a small lip opening.
 
 Two alphabets land in the same classes: ARPAbet (CMU / pocketsphinx, stress digits and
 ``+NOISE+`` phones accepted) through ``ARPABET_CLASSES``, and espeak-ng's English mnemonics
@@ -57,21 +57,21 @@ class VisemeClass:
 
 # One row per class: targets in AU_NAMES order, dominance, why. Parsed into CLASSES below.
 _CLASS_TABLE = """
-sil            0.00 0.00 0.00 0.00 0.00  0.6  pause: the photo's neutral closed mouth; short pauses inside speech stay coarticulated
-bilabial       0.00 0.30 0.00 0.00 0.05  4.0  p b m: lips pressed shut, corners tightened; closure is obligatory, so dominant
-labiodental    0.45 0.20 0.10 0.30 0.10  3.0  f v: lower lip tucked under the upper teeth, upper lip lifted
+sil            0.00 0.00 0.00 0.00 0.00  0.6  pause: the photo's neutral closed mouth (weak: short pauses stay coarticulated)
+bilabial       0.00 0.30 0.00 0.00 0.05  4.0  p b m: lips pressed shut; closure is obligatory, so dominant
+labiodental    0.45 0.20 0.10 0.30 0.10  3.0  f v: lower lip under the upper teeth, upper lip lifted
 dental         0.15 0.00 0.15 0.55 0.25  1.5  th dh: tongue tip between the teeth, lips apart
-alveolar       0.10 0.00 0.15 0.45 0.25  0.8  t d n l: tongue work behind the teeth, lips and jaw follow the neighbours
+alveolar       0.10 0.00 0.15 0.45 0.25  0.8  t d n l: tongue behind the teeth; lips and jaw follow the neighbours
 sibilant       0.20 0.30 0.35 0.40 0.10  1.5  s z: teeth nearly together, lips spread
 postalveolar   0.40 0.00 0.00 0.50 0.15  2.0  sh zh ch jh: lips flared forward, upper lip raised
 velar          0.05 0.00 0.10 0.45 0.35  0.7  k g ng: back of the tongue, jaw half open
-glottal        0.05 0.00 0.10 0.50 0.35  0.3  hh: no oral gesture of its own, borrows the next vowel's shape
+glottal        0.05 0.00 0.10 0.50 0.35  0.3  hh: no oral gesture, takes the next vowel's shape
 rhotic         0.30 0.00 0.00 0.35 0.15  1.2  r: lips slightly rounded and raised
 labial_glide   0.15 0.00 0.00 0.20 0.10  2.5  w: lips tightly rounded, small opening
 palatal_glide  0.15 0.30 0.45 0.40 0.15  1.0  y: as a short ee, lips spread
 open           0.10 0.00 0.10 1.00 0.90  1.0  aa (father): widest jaw opening
 open_front     0.25 0.10 0.45 0.95 0.75  1.0  ae (cat): open and spread
-open_mid       0.05 0.00 0.10 0.70 0.50  0.6  ah (cup) and schwa: relaxed, half open, easily coarticulated
+open_mid       0.05 0.00 0.10 0.70 0.50  0.6  ah (cup), schwa: relaxed, half open, easily coarticulated
 mid_front      0.15 0.15 0.45 0.75 0.50  1.0  eh (bed): half open, spread
 near_front     0.20 0.25 0.55 0.55 0.25  1.0  ih (bit), end of ay/ey/oy: spread, jaw fairly closed
 close_front    0.25 0.35 0.70 0.50 0.15  1.2  iy (see): lips spread most, corners tight

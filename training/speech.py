@@ -266,14 +266,18 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50
     if all(name.startswith("_") for name, _ in header["phonemes"]):  # pauses only, or nothing
         raise ValueError(f"espeak-ng found nothing to speak in {text!r}: give it words")
     audio22 = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-    audio = resample(audio22, header["sample_rate"])
+    # The band-limited resampler can overshoot a full-scale peak by a hair: keep [-1, 1].
+    audio = np.clip(resample(audio22, header["sample_rate"]), -1.0, 1.0)
     phonemes = _phonemes_16k(header["phonemes"], header["sample_rate"], len(audio))
     return Utterance(text=text, voice=Voice(voice, rate, pitch), audio=audio, phonemes=phonemes)
 
 
 def _phonemes_16k(events: list, rate: int, n_samples: int) -> tuple[tuple[str, int, int], ...]:
     """espeak phoneme starts (samples at ``rate``) -> contiguous 16 kHz spans over [0, n)."""
-    starts = [(name, (2 * s * SAMPLE_RATE + rate) // (2 * rate)) for name, s in events]
+    starts, latest = [], 0
+    for name, s in events:  # running maximum: spans can never overlap, even if events did
+        latest = max(latest, (2 * s * SAMPLE_RATE + rate) // (2 * rate))  # rounded rate conversion
+        starts.append((name, latest))
     if not starts or starts[0][1] > 0:
         starts.insert(0, ("_", 0))  # the silence espeak puts before the first phoneme
     out = []
@@ -290,7 +294,7 @@ def _phonemes_16k(events: list, rate: int, n_samples: int) -> tuple[tuple[str, i
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_PHONEME_EVENTS = 0x0001
 _CHARS_UTF8, _PHONEMES = 0x1, 0x100
-_EVENT_PHONEME, _EVENT_SAMPLERATE = 7, 8
+_EVENT_PHONEME = 7
 _PARAM_RATE, _PARAM_PITCH = 1, 3
 _POS_CHARACTER = 1
 
