@@ -58,20 +58,9 @@ def astronaut() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny randomly initialised TalkingHead exported with avatar-export's pipeline
-    (three graphs with model cards, parity-gated). Seeded: the same weights every run."""
-    import torch
-
-    from avatar_stream.export.onnx_export import ExportOptions, export_model
-    from avatar_stream.training.config import ModelConfig
-    from avatar_stream.training.models import TalkingHead
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_model")
-    export_model(TalkingHead(ModelConfig.tiny()), out, ExportOptions(), checkpoint_sha256="0" * 64,
-                 log=lambda *a, **k: None)
-    return out
+def tiny_model_dir(tiny_export) -> Path:
+    """The exported model directory of ``tiny_export`` (three graphs with model cards)."""
+    return tiny_export.out
 
 
 @pytest.fixture(scope="session")
