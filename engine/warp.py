@@ -224,6 +224,7 @@ class FaceWarper:
         follow[: -N_BORDER_ANCHORS] = 0.0
         self._follow = follow[:, None]
         self.neutral_gap = max(mouth_gap(lm), 0.0)
+        self.teeth_show = self.neutral_gap > 0.03 * self.face_height  # lips apart in the photo
         self.tints = self._tints()
 
     # -- preparation
@@ -237,7 +238,7 @@ class FaceWarper:
         # Light on the face: 1 for a well-lit face (skin luminance ~150), less in shadow.
         light = float(np.clip((0.3 * sk[0] + 0.59 * sk[1] + 0.11 * sk[2]) / 150.0, 0.45, 1.1))
         teeth = np.array([236.0, 228.0, 212.0]) * light
-        if self.neutral_gap > 0.03 * self.face_height:
+        if self.teeth_show:
             # Teeth already show: take their colour, the brightest quarter of the open mouth.
             inside = self.image[self._mask(lm[60:68]) > 0].astype(np.float64)
             if len(inside) >= 8:
@@ -376,10 +377,16 @@ class FaceWarper:
         gap = opening + self.neutral_gap
         # Upper teeth: a band hanging from the upper inner lip, seen only inside the cavity,
         # its height limited by the opening (the lower lip hides the rest).
+        # Where the photo shows its own teeth, they stay where they are (upper teeth sit on the
+        # skull; the upper lip hardly moves) and the band is at least as deep as they were.
         upper = lm[[60, 61, 62, 63, 64]]
-        band = np.vstack([upper, (upper + min(0.05 * h, 0.6 * gap) * ey)[::-1]])
+        depth = min(0.05 * h, 0.6 * gap)
+        if self.teeth_show:
+            depth = max(depth, 0.45 * self.neutral_gap)
+        band = np.vstack([upper, (upper + depth * ey)[::-1]])
         teeth = self._poly_mask(size, band - off, 1.5 * sigma) * cav
-        teeth *= float(np.clip((opening - 0.01 * h) / (0.02 * h), 0, 1))
+        if not self.teeth_show:
+            teeth *= float(np.clip((opening - 0.01 * h) / (0.02 * h), 0, 1))
         # Tongue: low in the mouth, visible once the mouth is well open.
         lower = lm[[64, 65, 66, 67, 60]]
         tongue_poly = np.vstack([lower, (lower - 0.25 * gap * ey)[::-1]])
@@ -395,9 +402,11 @@ class FaceWarper:
         cavity_c = self.tints.cavity * (0.55 + 0.45 * np.maximum(across, down))[..., None]
         side = (1.0 - 0.45 * across * across)[..., None]
         # Teeth end at the canines, short of the corners, and sit in the upper lip's shadow.
-        teeth *= np.clip((0.85 - across) / 0.15, 0, 1)
+        teeth *= np.clip((0.92 - across) / 0.3, 0, 1)
         below = np.clip((rel @ ey.astype(np.float32) + 0.5 * gap) / max(0.05 * h, 1.0), 0, 1)
         teeth_c = self.tints.teeth * side * (0.8 + 0.2 * below)[..., None]
+        if self.teeth_show:
+            teeth_c = self.image[y0:y1, x0:x1].astype(np.float32)
         region = out[y0:y1, x0:x1].astype(np.float32)
         for alpha, colour in ((cav, cavity_c), (tongue, self.tints.tongue * side), (teeth, teeth_c)):
             a3 = alpha[..., None]
