@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from .data import AudioAUDataset, AUFrameDataset, ClipDataset, ShardError, au_oc
 from .ddp import DistInfo, seed_everything
 from .loop import LoopOptions, Task, run
 from .losses import TotalLoss, au_loss, au_weights
-from .models import AUClassifier, TalkingHead
+from .models import AUClassifier, TalkingHead, parameter_counts
 from .modules import Audio2AU
 
 
@@ -232,7 +233,20 @@ def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
     if opts.au_classifier is not None:
         clf = AUClassifier(cfg)
         load_pretrained(opts.au_classifier, "au_classifier", clf)
+    if info.main:
+        print_parameter_counts(model, clf)
     return model, clf, groups, w_au
+
+
+def print_parameter_counts(model: TalkingHead, clf: AUClassifier | None = None) -> None:
+    """The per-module parameter table (issue: "print parameter counts per module")."""
+    counts = parameter_counts(model)
+    if clf is not None:
+        counts["au_classifier (separate)"] = sum(p.numel() for p in clf.parameters())
+    width = max(len(k) for k in counts)
+    print("parameters per module:", file=sys.stderr)
+    for name, n in counts.items():
+        print(f"  {name:<{width}}  {n:>12,}", file=sys.stderr)
 
 
 def _au_weighting(data: Path, w_au: float, info: DistInfo) -> tuple[torch.Tensor | None, float]:
