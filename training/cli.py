@@ -50,6 +50,9 @@ def _loop_args(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
+_AUG_HELP = "noise, reverberation and level changes on the training speech (training/augment.py)"
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -117,7 +120,8 @@ def _run_stage(args, fn, opts) -> int:
 def cmd_pretrain_au(args) -> int:
     from .stages import PretrainOptions, pretrain_au
 
-    return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr))
+    return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr,
+                                                         augment_speech=args.augment_speech))
 
 
 def cmd_pretrain_au_classifier(args) -> int:
@@ -133,7 +137,8 @@ def cmd_train(args) -> int:
         args.set.append("w_per=0")
     opts = TrainOptions(data=args.data, clip_len=args.clip_len, lr=args.lr, lr_audio2au=args.lr_audio2au,
                         lr_au_classifier=args.lr_au_classifier, audio2au=args.audio2au,
-                        au_classifier=args.au_classifier, vgg_weights=args.vgg_weights)
+                        au_classifier=args.au_classifier, vgg_weights=args.vgg_weights,
+                        augment_speech=args.augment_speech)
     return _run_stage(args, train, opts)
 
 
@@ -192,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         _loop_args(s, epochs=10, batch=32)
         _model_args(s)
         s.add_argument("--lr", type=float, default=1e-3)
+        if name == "pretrain-au":
+            s.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
         s.set_defaults(func=func)
 
     t = sub.add_parser("train", help="train the full model")
@@ -203,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-au-classifier", type=float, default=1e-7)
     t.add_argument("--audio2au", type=Path, help="pretrain-au checkpoint (RUN_AU/best.safetensors)")
     t.add_argument("--au-classifier", type=Path, help="pretrain-au-classifier checkpoint (enables L_au)")
+    t.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
     vgg = t.add_mutually_exclusive_group()
     vgg.add_argument("--vgg-weights", type=Path, help="torchvision VGG-19 ImageNet weights (vgg19-dcbb9e9d.pth)")
     vgg.add_argument("--no-vgg", action="store_true", help="train without L_per")

@@ -35,6 +35,8 @@ import torch
 from avatar_stream.engine.timebase import AU_NAMES, SAMPLES_PER_FRAME
 from torch.utils.data import Dataset
 
+from .augment import SpeechAugment, augment_speech
+
 INDEX_VERSION = 1
 CROP = 112
 N_AU = len(AU_NAMES)
@@ -295,6 +297,25 @@ class MFCCCache:
 # ----------------------------------------------------------------------------- datasets
 
 
+def augmented_mfcc(root, entry: dict, idx: np.ndarray, aug: SpeechAugment) -> np.ndarray:
+    """MFCC windows ``idx`` of the clip's audio after ``augment_speech`` (never cached). The
+    rng seed comes from torch's RNG, which the loop seeds per worker from (seed, epoch, position)."""
+    from avatar_stream.engine.timebase import frame_windows
+    from avatar_stream.training.mfcc import MFCC
+
+    audio = load_clip(root, entry, ("audio",))["audio"]
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+    windows = frame_windows(augment_speech(audio, rng, aug), entry["frames"])[idx]
+    global _AUG_MFCC
+    if _AUG_MFCC is None:
+        _AUG_MFCC = MFCC().eval()
+    with torch.no_grad():
+        return _AUG_MFCC(torch.from_numpy(np.ascontiguousarray(windows))).numpy()
+
+
+_AUG_MFCC = None
+
+
 class ClipSample(NamedTuple):
     identity: torch.Tensor  # (3, 112, 112) float [0, 1]
     mfcc: torch.Tensor  # (T + 2R, 12, 28)
@@ -324,10 +345,13 @@ class ClipDataset(Dataset):
     Sample i = (clip, start); frames ``start - R .. start + T + R - 1`` feed the model, frames
     ``start .. start + T - 1`` are targets. Outside the clip the edge frame is replicated
     (DESIGN.md §3), so the first and last frames of an utterance are trained exactly as the
-    stream renders them. ``clip_len=None`` gives one sample per whole clip (variable T)."""
+    stream renders them. ``clip_len=None`` gives one sample per whole clip (variable T).
+    ``augment``: MFCC from ``augment_speech``-ed audio (training/augment.py) instead of the cache."""
 
-    def __init__(self, root, split: str, context: int, clip_len: int | None, stride: int | None = None):
+    def __init__(self, root, split: str, context: int, clip_len: int | None, stride: int | None = None,
+                 augment: SpeechAugment | None = None):
         self.root = Path(root)
+        self.augment = augment
         self.context = int(context)
         self.clip_len = clip_len
         self.entries = split_entries(root, split)
@@ -350,15 +374,18 @@ class ClipDataset(Dataset):
         ci, start = self.samples[i]
         entry = self.entries[ci]
         clip = load_clip(self.root, entry, ("identity", "au", "au_label"))
-        if self._mfcc is None:
-            self._mfcc = MFCCCache(self.root)
-        mfcc = self._mfcc.get(entry)
         n = entry["frames"]
         t = n if self.clip_len is None else self.clip_len
         ctx = np.clip(np.arange(start - self.context, start + t + self.context), 0, n - 1)
+        if self.augment is not None:
+            mfcc = augmented_mfcc(self.root, entry, ctx, self.augment)
+        else:
+            if self._mfcc is None:
+                self._mfcc = MFCCCache(self.root)
+            mfcc = self._mfcc.get(entry)[ctx]
         return ClipSample(
             identity=_to_chw(clip["identity"]),
-            mfcc=torch.from_numpy(mfcc[ctx]),
+            mfcc=torch.from_numpy(mfcc),
             frames=_to_chw(load_frames(self.root, entry, np.arange(start, start + t))),
             au=torch.from_numpy(clip["au"][start : start + t].astype(np.float32)),
             au_label=torch.from_numpy(clip["au_label"][start : start + t].astype(np.float32)),
@@ -418,15 +445,20 @@ class AUFrameDataset(_FrameChunks):
 
 
 class AudioAUDataset(_FrameChunks):
-    """Audio2AU samples: item = (MFCC windows (k, 12, 28), au_label (k, 5), valid (k, 5))."""
+    """Audio2AU samples: item = (MFCC windows (k, 12, 28), au_label (k, 5), valid (k, 5));
+    ``augment`` as in :class:`ClipDataset`."""
 
-    def __init__(self, root, split: str, per_item: int = 8):
+    def __init__(self, root, split: str, per_item: int = 8, augment: SpeechAugment | None = None):
         super().__init__(root, split, per_item)
         self._mfcc: MFCCCache | None = None
+        self.augment = augment
 
     def __getitem__(self, i: int):
         ci, j = self.items[i]
         idx = self._frames(ci, j)
+        if self.augment is not None:
+            m = augmented_mfcc(self.root, self.entries[ci], idx, self.augment)
+            return (torch.from_numpy(m), *self.labels(ci, idx))
         if self._mfcc is None:
             self._mfcc = MFCCCache(self.root)
         m = self._mfcc.get(self.entries[ci])

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .augment import SpeechAugment
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .data import AudioAUDataset, AUFrameDataset, ClipDataset, ShardError, au_occurrence_rates, read_split
@@ -42,6 +43,7 @@ class PretrainOptions:
     data: Path
     lr: float = 1e-3
     frames_per_item: int = 8  # frames of one clip per dataset item (batch = B x this)
+    augment_speech: bool = False  # training split only (training/augment.py); pretrain-au only
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class TrainOptions:
     audio2au: Path | None = None  # pretrain-au checkpoint
     au_classifier: Path | None = None  # pretrain-au-classifier checkpoint
     vgg_weights: Path | None = None  # None with cfg.w_per == 0 (--no-vgg)
+    augment_speech: bool = False  # training split only (training/augment.py)
 
 
 def _wrap(module: nn.Module, info: DistInfo) -> nn.Module:
@@ -130,7 +133,7 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
         return {"bce": loss, "total": loss, "acc": _accuracy(logits, y, v)}
 
     return Task(name, cfg, train_set, val_set, opt, saved, step, validate,
-                extra={"lr": opts.lr, "data": str(opts.data)})
+                extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech})
 
 
 def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
@@ -138,7 +141,8 @@ def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info
     if not cfg.audio2au:
         raise ValueError("pretrain-au needs a config with Audio2AU on (drop --set audio2au=false)")
     seed_everything(loop.seed)
-    train = AudioAUDataset(opts.data, "train", opts.frames_per_item)
+    train = AudioAUDataset(opts.data, "train", opts.frames_per_item,
+                           augment=SpeechAugment() if opts.augment_speech else None)
     val = AudioAUDataset(opts.data, "test", opts.frames_per_item) if _has_val(opts.data) else None
     net = AUHeads(cfg)
     task = _pretrain_task("pretrain-au", cfg, net, {"audio2au": net.audio2au}, train, val, opts, info)
@@ -269,7 +273,8 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
         raise ValueError("L_per needs VGG-19 ImageNet weights: pass --vgg-weights vgg19-dcbb9e9d.pth, or --no-vgg")
     seed_everything(loop.seed)
     r = cfg.lookahead_frames
-    train_set = ClipDataset(opts.data, "train", context=r, clip_len=opts.clip_len)
+    train_set = ClipDataset(opts.data, "train", context=r, clip_len=opts.clip_len,
+                            augment=SpeechAugment() if opts.augment_speech else None)
     val_set = ClipDataset(opts.data, "test", context=r, clip_len=opts.clip_len) if _has_val(opts.data) else None
     model, clf, groups, w_au = _train_parts(cfg, opts, info)
     au_w, w_au = _au_weighting(opts.data, w_au, info)
@@ -312,6 +317,7 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
         modules["au_classifier"] = clf
     extra = {"lr": opts.lr, "lr_audio2au": opts.lr_audio2au, "lr_au_classifier": opts.lr_au_classifier,
              "w_au_effective": w_au, "clip_len": opts.clip_len, "data": str(opts.data),
+             "augment_speech": opts.augment_speech,
              "audio2au": str(opts.audio2au) if opts.audio2au else None,
              "au_classifier": str(opts.au_classifier) if opts.au_classifier else None}
     task = Task("train", cfg, train_set, val_set, opt, modules, step, validate, images, extra)

@@ -1,0 +1,68 @@
+"""training/augment.py and the datasets' ``augment`` option: determinism, levels, labels kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
+from avatar_stream.training.augment import SpeechAugment, augment_speech
+from avatar_stream.training.data import AudioAUDataset, ClipDataset, write_clip, write_split
+
+FRAMES = 10
+
+
+def _tone(n: int = FRAMES * SAMPLES_PER_FRAME) -> np.ndarray:
+    t = np.arange(n) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def test_same_rng_same_output_and_shape():
+    x = _tone()
+    a = augment_speech(x, np.random.default_rng(5))
+    b = augment_speech(x, np.random.default_rng(5))
+    c = augment_speech(x, np.random.default_rng(6))
+    assert a.dtype == np.float32 and a.shape == x.shape
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert np.abs(a).max() <= 1.0
+
+
+def test_noise_snr_is_the_drawn_one():
+    x = _tone(32000)
+    aug = SpeechAugment(p_noise=1.0, snr_db=(20.0, 20.0), p_pink=0.0, p_reverb=0.0, p_gain=0.0)
+    y = augment_speech(x, np.random.default_rng(0), aug)
+    snr = 10 * np.log10(np.mean(x.astype(np.float64) ** 2) / np.mean((y - x).astype(np.float64) ** 2))
+    assert abs(snr - 20.0) < 0.5
+
+
+def test_reverb_keeps_onset_and_adds_a_tail():
+    x = np.zeros(16000, np.float32)
+    x[4000:4800] = _tone(800)
+    aug = SpeechAugment(p_noise=0.0, p_reverb=1.0, rt60_s=(0.4, 0.4), wet=(0.5, 0.5), p_gain=0.0)
+    y = augment_speech(x, np.random.default_rng(1), aug)
+    assert np.abs(y[:4000]).max() < 1e-6  # nothing before the sound: labels stay aligned
+    assert np.abs(y[5600:6400]).max() > 1e-3  # energy after the sound ended
+
+
+def test_datasets_augment_is_seeded_and_changes_only_mfcc(tmp_path):
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    frames = np.repeat(face[None], FRAMES, 0)
+    au = rng.uniform(0, 1, (FRAMES, 5)).astype(np.float32)
+    for spk in ("a", "b"):
+        write_clip(tmp_path, spk, "u0", frames, _tone() * (1 + rng.random()), face, au=au)
+    write_split(tmp_path, ["a"], ["b"])
+    plain = AudioAUDataset(tmp_path, "train", per_item=4)[0]
+    aug = AudioAUDataset(tmp_path, "train", per_item=4, augment=SpeechAugment(p_noise=1.0, p_gain=0.0))
+    torch.manual_seed(3)
+    first = aug[0]
+    torch.manual_seed(3)
+    again = aug[0]
+    torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)
+    assert (first[0] - plain[0]).abs().max() > 1e-3
+    torch.testing.assert_close(first[1], plain[1])  # labels untouched
+    clip_plain = ClipDataset(tmp_path, "train", context=1, clip_len=4)[0]
+    clip_aug = ClipDataset(tmp_path, "train", context=1, clip_len=4, augment=SpeechAugment(p_noise=1.0))[0]
+    assert clip_aug.mfcc.shape == clip_plain.mfcc.shape
+    assert (clip_aug.mfcc - clip_plain.mfcc).abs().max() > 1e-3
+    torch.testing.assert_close(clip_aug.frames, clip_plain.frames, rtol=0, atol=0)

@@ -1,0 +1,80 @@
+"""Seeded waveform augmentation for the speech the audio stages read (pretrain-au, train).
+
+The corpus speech is clean (espeak-ng, studio read speech, digital silence between words); a
+microphone delivers room noise, reverberation and any level. ``augment_speech`` applies, each
+with its own probability: a level change, additive noise (white or pink) at an SNR measured
+against the clip's speech level, and reverberation (an exponentially decaying noise impulse
+response mixed with the dry signal). Labels stay valid: none of these moves a phoneme in time.
+
+Deterministic: the result is a function of (audio, rng state) only; the datasets draw the
+rng seed from the worker's torch RNG, which the training loop seeds from (seed, epoch,
+position), so a resumed run sees the same augmented samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from avatar_stream.engine.timebase import SAMPLE_RATE
+from scipy.signal import fftconvolve
+
+
+@dataclass(frozen=True)
+class SpeechAugment:
+    """Probabilities and ranges of :func:`augment_speech` (uniform draws within each range)."""
+
+    p_noise: float = 0.6
+    snr_db: tuple[float, float] = (5.0, 45.0)  # noise level below the speech RMS
+    p_pink: float = 0.5  # share of noise draws that are pink (1/f) rather than white
+    p_reverb: float = 0.3
+    rt60_s: tuple[float, float] = (0.1, 0.6)  # time for the impulse response to decay by 60 dB
+    wet: tuple[float, float] = (0.1, 0.5)  # share of reverberant energy in the mix
+    p_gain: float = 0.8
+    gain_db: tuple[float, float] = (-24.0, 6.0)
+
+
+def _pink(n: int, rng: np.random.Generator) -> np.ndarray:
+    # 1/f power: scale the white spectrum by 1/sqrt(f) (DC left out).
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.arange(len(spec), dtype=np.float64)
+    f[0] = 1.0
+    x = np.fft.irfft(spec / np.sqrt(f), n)
+    return x / (np.std(x) + 1e-12)
+
+
+def _speech_rms(audio: np.ndarray) -> float:
+    """RMS of the louder half of 20 ms blocks: the speech level, not diluted by pauses."""
+    n = len(audio) // 320 * 320
+    if n == 0:
+        return float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) if len(audio) else 0.0
+    blocks = np.mean(audio[:n].astype(np.float64).reshape(-1, 320) ** 2, axis=1)
+    loud = np.sort(blocks)[len(blocks) // 2 :]
+    return float(np.sqrt(np.mean(loud)))
+
+
+def _reverb(audio: np.ndarray, rt60: float, wet: float, rng: np.random.Generator) -> np.ndarray:
+    n = max(16, int(rt60 * SAMPLE_RATE))
+    t = np.arange(n) / SAMPLE_RATE
+    ir = rng.standard_normal(n) * np.exp(-6.91 * t / rt60)  # -60 dB at t = rt60
+    ir /= np.sqrt(np.sum(ir**2)) + 1e-12
+    tail = fftconvolve(audio.astype(np.float64), ir)[: len(audio)]
+    return np.sqrt(1.0 - wet) * audio + np.sqrt(wet) * tail
+
+
+def augment_speech(audio: np.ndarray, rng: np.random.Generator, aug: SpeechAugment = SpeechAugment()) -> np.ndarray:
+    """``audio`` float32 (N,) 16 kHz -> augmented float32 (N,), clipped to [-1, 1]."""
+    x = np.asarray(audio, dtype=np.float64)
+    if rng.random() < aug.p_reverb:
+        x = _reverb(x, rng.uniform(*aug.rt60_s), rng.uniform(*aug.wet), rng)
+    if rng.random() < aug.p_noise:
+        level = _speech_rms(x)
+        if level > 0:
+            noise = _pink(len(x), rng) if rng.random() < aug.p_pink else rng.standard_normal(len(x))
+            x = x + noise * level * 10.0 ** (-rng.uniform(*aug.snr_db) / 20.0)
+    if rng.random() < aug.p_gain:
+        x = x * 10.0 ** (rng.uniform(*aug.gain_db) / 20.0)
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
+__all__ = ["SpeechAugment", "augment_speech"]
