@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--stdin", action="store_true", help="raw signed 16-bit little-endian mono PCM on stdin")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--mic-device", default=None, help="microphone index or name (see --list-devices)")
+    p.add_argument("--mic-rate", type=int, default=None,
+                   help="microphone capture rate in Hz (default: the device's own; resampled to 16 kHz)")
     p.add_argument("--stdin-rate", type=int, default=tb.SAMPLE_RATE, help="sample rate of --stdin PCM (Hz)")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                   help="stop after this much input audio (any source)")
     p.add_argument("--realtime", action="store_true",
                    help="pace --audio to the wall clock (as a microphone would deliver it)")
     p.add_argument("--out", type=Path, help="write an mp4 (H.264 + AAC, input audio muxed in sync)")
@@ -84,13 +88,19 @@ def _open_source(args):
     from avatar_stream.engine.sources import FileSource, MicSource, StdinSource
 
     if args.mic:
-        return MicSource(device=_device_arg(args.mic_device)), True
+        return MicSource(device=_device_arg(args.mic_device), sample_rate=args.mic_rate), True
     if args.stdin:
         return StdinSource(sample_rate=args.stdin_rate), False
     from avatar_stream import DEMO_SPEECH
 
     path = args.audio if args.audio is not None else DEMO_SPEECH
     return FileSource(path, realtime=args.realtime), bool(args.realtime)
+
+
+def _duration_samples(seconds: float) -> int:
+    if not seconds > 0:
+        raise UsageError(f"--duration must be a positive number of seconds, got {seconds}")
+    return round(seconds * tb.SAMPLE_RATE)
 
 
 def _device_arg(value: str | None):
@@ -119,7 +129,7 @@ def _open_sinks(args, stack: ExitStack, size: tuple[int, int], latency_samples: 
 
 def run(args) -> int:
     from avatar_stream.engine.face import read_image
-    from avatar_stream.engine.session import SessionOptions, run_session
+    from avatar_stream.engine.session import SessionOptions, limit_samples, run_session
     from avatar_stream.engine.stream import Engine
 
     if args.list_devices:
@@ -154,7 +164,8 @@ def run(args) -> int:
         source, live = _open_source(args)
         stack.callback(source.close)
         video, audio = _open_sinks(args, stack, (out_w, out_h), engine.latency.samples)
-        report = run_session(stream, source, video, audio,
+        chunks = source if args.duration is None else limit_samples(source, _duration_samples(args.duration))
+        report = run_session(stream, chunks, video, audio,
                              SessionOptions(live=live, max_backlog=args.max_backlog))
     for line in report.lines():
         log.info("%s", line)

@@ -11,7 +11,7 @@ exactly that audio, whatever was dropped before it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -101,3 +101,13 @@ def run_session(stream: Stream, source: Iterable[np.ndarray], sinks: Sequence = 
         features_ms_p50=_pct(t.features, 50), decode_ms_p50=_pct(t.decode, 50),
         paste_ms_p50=_pct(t.paste, 50), max_backlog_seen=max_backlog_seen, interrupted=interrupted,
     )
+
+
+def limit_samples(source: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
+    """The first ``n`` samples of ``source`` (the last chunk cut), then stop."""
+    left = n
+    for chunk in source:
+        if left <= 0:
+            break
+        yield chunk[:left]
+        left -= len(chunk)

@@ -334,6 +334,7 @@ class MicSource(AudioSource):
         self._read_pos = 0  # absolute device-rate frame index of the next frame to read
         self._dropped_in = 0  # device-rate frames overwritten before they were read
         self.input_overflows = 0  # callbacks where PortAudio itself reported lost input
+        self.input_underflows = 0  # callbacks PortAudio padded with silence (not captured)
 
     def _open(self, device, sample_rate, frames_per_buffer: int, max_buffer_seconds: float) -> None:
         pa, pyaudio = self._pa, self._pyaudio
@@ -374,6 +375,9 @@ class MicSource(AudioSource):
         # PortAudio's thread: copy and return, nothing else (no locks, no allocation beyond a view).
         if status & self._pyaudio.paInputOverflow:
             self.input_overflows += 1
+        if status & self._pyaudio.paInputUnderflow:
+            # PortAudio padded this buffer with silence: input it did not capture.
+            self.input_underflows += 1
         self._ring.write(np.frombuffer(in_data, dtype="<i2").reshape(-1, self.channels))
         return None, self._pyaudio.paContinue
 

@@ -200,3 +200,15 @@ def test_error_no_output(capsys, tiny_model_dir):
 def test_error_bad_size(capsys, tiny_model_dir, tmp_path):
     code, err = run_cli(capsys, "--out", tmp_path / "x.mp4", "--model", tiny_model_dir, "--size", "big")
     assert code == 2 and "WIDTHxHEIGHT" in error_line(err)
+
+
+def test_duration_limits_any_source(capsys, tiny_model_dir, tmp_path):
+    report = tmp_path / "r.json"
+    code, err = run_cli(capsys, "--audio", DEMO_SPEECH, "--duration", "1.5", "--out", tmp_path / "d.mp4",
+                        "--model", tiny_model_dir, "--backend", "cpu", "--crop-only", "--report-json", report)
+    assert code == 0, err
+    rep = json.loads(report.read_text())
+    assert rep["audio_seconds"] == 1.5 and rep["frames"] == 37
+    code, err = run_cli(capsys, "--audio", DEMO_SPEECH, "--duration", "0", "--out", tmp_path / "e.mp4",
+                        "--model", tiny_model_dir)
+    assert code == 2 and "--duration" in error_line(err)
