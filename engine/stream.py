@@ -118,6 +118,34 @@ class Engine:
         return Stream(self, face, output_size=output_size, crop_only=crop_only)
 
 
+def step_many(streams: list[Stream]) -> list[Frame | None]:
+    """One frame from each ready stream, the decoders batched into one call (many sessions
+    on one GPU). All streams must share one Engine. Returns None for streams not ready."""
+    if not streams:
+        return []
+    engine = streams[0].engine
+    if any(s.engine is not engine for s in streams):
+        raise ValueError("step_many: all streams must come from the same Engine")
+    t0 = time.perf_counter()
+    ready = [i for i, s in enumerate(streams) if s.is_ready()]
+    begun = {i: streams[i]._begin_step() for i in ready}
+    t1 = time.perf_counter()
+    crops: dict[int, np.ndarray] = {}
+    neural = [i for i in ready if streams[i].face.warp is None]
+    if neural:
+        feats = np.stack([begun[i][1] for i in neural])
+        f_id = np.concatenate([streams[i].face.f_id for i in neural])
+        skips = {name: np.concatenate([streams[i].face.skips[name] for i in neural])
+                 for name in streams[neural[0]].face.skips}
+        for i, crop in zip(neural, engine.model.decode(feats, f_id, skips), strict=True):
+            crops[i] = crop
+    out: list[Frame | None] = [None] * len(streams)
+    for i in ready:
+        k, _, window_au = begun[i]
+        out[i] = streams[i]._finish_step(k, crops.get(i), window_au, t0, t1)
+    return out
+
+
 class Stream:
     """All mutable per-session state: audio ring buffer indexed by absolute sample counts,
     the per-frame feature cache, the frame cursor and counters."""
@@ -259,17 +287,29 @@ class Stream:
         if not self.is_ready():
             raise RuntimeError("step() called while not is_ready()")
         t0 = time.perf_counter()
-        k = self._next_out
-        feats, window_au = self._feature_window(k)
-        au = self._feats[k][1]
+        k, feats, window_au = self._begin_step()
         t1 = time.perf_counter()
+        crop = None
         if self.face.warp is None:
             crop = self.engine.model.decode(feats[None], self.face.f_id, self.face.skips)[0]
+        return self._finish_step(k, crop, window_au, t0, t1)
+
+    def _begin_step(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """Frame index, its (2R+1, D) feature window and the window's AU probabilities."""
+        k = self._next_out
+        feats, window_au = self._feature_window(k)
+        return k, feats, window_au
+
+    def _finish_step(self, k: int, crop: np.ndarray | None, window_au: np.ndarray,
+                     t0: float, t1: float) -> Frame:
+        """Compose frame ``k`` from its decoded crop (renderer ``neural``) or by warping the
+        photo with the smoothed AUs (renderer ``warp``, ``crop`` None); advance the cursor."""
+        au = self._feats[k][1]
+        if crop is not None:
             t2 = time.perf_counter()
             image = crop if self.crop_only else self._compose(crop)
         else:
-            drive = smoothed_au(window_au)
-            full = self.face.warp.render(drive)
+            full = self.face.warp.render(smoothed_au(window_au))
             t2 = time.perf_counter()
             crop = warp_to_crop(full, self.face.aligned.matrix)
             image = crop if self.crop_only else self._resize(full)

@@ -253,3 +253,27 @@ def test_warp_renderer_streaming_equals_offline(tiny_model_dir, speech):
     # The drive is the Audio2AU output: frames differ where the AUs differ.
     aus = np.stack([f.au for f in ref])
     assert aus.shape == (50, 5) and np.all((aus >= 0) & (aus <= 1))
+
+
+def test_step_many_batches_streams_like_single_steps(engine, speech):
+    """Three sessions (different faces, different audio offsets) stepped together with one
+    batched decoder call give the frames each would give alone (within one grey level:
+    a batched convolution may sum in another order)."""
+    from avatar_stream.engine.stream import step_many
+
+    photo = read_image(DEMO_FACE)
+    faces = [engine.prepare_face(photo), engine.prepare_face(photo[:, ::-1].copy()),
+             engine.prepare_face(photo)]
+    audios = [speech[: 2 * tb.SAMPLE_RATE], speech[8000 : 8000 + 2 * tb.SAMPLE_RATE], speech[-32000:]]
+    alone = [render_offline(engine, f, a, crop_only=True) for f, a in zip(faces, audios, strict=True)]
+    streams = [engine.create_stream(f, crop_only=True) for f in faces]
+    got: list[list] = [[], [], []]
+    for s, a in zip(streams, audios, strict=True):
+        s.accept_waveform(a)
+        s.input_finished()
+    while any(s.is_ready() for s in streams):
+        for i, fr in enumerate(step_many(streams)):
+            if fr is not None:
+                got[i].append(fr)
+    for a, g in zip(alone, got, strict=True):
+        assert _max_diff(a, g) <= 1
