@@ -8,6 +8,7 @@
     avatar-train train --data DATA --out RUN --audio2au RUN_AU/best.safetensors \\
         --au-classifier RUN_CLF/best.safetensors --vgg-weights vgg19-dcbb9e9d.pth
     avatar-train eval --data DATA --checkpoint RUN/best.safetensors [--json RUN/eval.json]
+    avatar-train eval-mouth --model MODEL_DIR --clips GRID_CLIPS... [--json F]   (training/mouth_eval.py)
 
 Multi-process: ``torchrun --nproc_per_node N -m avatar_stream.training.cli train ...`` (gloo on
 CPU, NCCL on GPUs). argv is parsed here only; the stages take frozen option dataclasses.
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         syn = sub.add_parser("synth", help="make a GRID-shaped corpus with AU labels (DESIGN.md §5)")
         synth.add_arguments(syn)
         syn.set_defaults(func=synth.main_synth)
+
+    from . import mouth_eval
+
+    mouth = sub.add_parser("eval-mouth", help="mouth opening of an exported model vs real talking-face videos")
+    mouth_eval.add_arguments(mouth)
+    mouth.set_defaults(func=mouth_eval.main_eval_mouth)
 
     for name, func, help_ in (("pretrain-au", cmd_pretrain_au, "pretrain Audio2AU (MFCC -> AU occurrence)"),
                               ("pretrain-au-classifier", cmd_pretrain_au_classifier,
