@@ -1,0 +1,61 @@
+"""Score a candidate model against the shipped starter on the same figures (MODEL_CARD.md).
+
+    .venv/bin/python scripts/compare_starter.py \
+        --checkpoint runs/full/best.safetensors --model models/ \
+        --data data/synth --clips /work/shared/data/grid_dev [--json compare.json]
+
+Both models are scored on the same corpus test split and the same real clips
+(``training.scorecard.score``). Exit status 0: the candidate beats the shipped weights
+(``scorecard.beats``: higher real-speech mouth r with the neural renderer, no regression
+past tolerance elsewhere) and may replace pkg/starter; 1: it does not (the reasons are
+printed); 2: bad input. Commit new starter weights only on exit status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from avatar_stream import STARTER_DIR
+from avatar_stream.training.scorecard import ScoreOptions, beats, headline, score
+
+STARTER_CHECKPOINT = STARTER_DIR / "starter.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="candidate training checkpoint")
+    p.add_argument("--model", type=Path, required=True, help="candidate exported model dir (avatar-export --out)")
+    p.add_argument("--data", type=Path, required=True, help="corpus with a test split (avatar-train synth --out)")
+    p.add_argument("--clips", type=Path, nargs="+", required=True, help="real talking-face clips (GRID) or folders")
+    p.add_argument("--shipped-checkpoint", type=Path, default=STARTER_CHECKPOINT)
+    p.add_argument("--shipped-model", type=Path, default=STARTER_DIR / "onnx")
+    p.add_argument("--max-clips", type=int, help="generator figures on the first N test clips only")
+    p.add_argument("--json", type=Path, help="write both score sets here")
+    args = p.parse_args(argv)
+    for path in (args.checkpoint, args.model, args.data, args.shipped_checkpoint, args.shipped_model):
+        if not path.exists():
+            print(f"compare_starter: {path} does not exist", file=sys.stderr)
+            return 2
+    res = {}
+    for name, ckpt, model in (("candidate", args.checkpoint, args.model),
+                              ("shipped", args.shipped_checkpoint, args.shipped_model)):
+        res[name] = score(ScoreOptions(checkpoint=ckpt, model_dir=model, data=args.data, clips=tuple(args.clips),
+                                       max_clips=args.max_clips))
+    c, s = headline(res["candidate"]), headline(res["shipped"])
+    print(f"{'figure':<32} {'candidate':>10} {'shipped':>10}")
+    for k in sorted(set(c) | set(s)):
+        fmt = lambda v: "-" if v is None else f"{v:10.4f}"  # noqa: E731
+        print(f"{k:<32} {fmt(c.get(k)):>10} {fmt(s.get(k)):>10}")
+    ok, why = beats(res["candidate"], res["shipped"])
+    print("verdict: the candidate beats the shipped starter" if ok else "verdict: keep the shipped starter: "
+          + "; ".join(why))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1, default=float))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""training/scorecard.py: the figures' plumbing and the rule that decides whether new
+weights replace the shipped starter."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
+from avatar_stream.training.checkpoint import save_checkpoint
+from avatar_stream.training.config import ModelConfig
+from avatar_stream.training.data import write_clip, write_split
+from avatar_stream.training.models import TalkingHead
+from avatar_stream.training.scorecard import audio2au_f1, beats, headline
+
+
+def _res(r_neural=0.5, psnr=25.0, f1=0.8, quiet=0.05):
+    scores = {"mean_f1": f1}
+    return {"audio2au": {"all": scores}, "classifier": scores,
+            "generator": {"psnr": psnr, "ssim": 0.8, "au_f1": f1},
+            "mouth": {"renderers": {"neural": {"mean_r": r_neural, "quiet": {"silence": {"ratio_to_speech_std": quiet}}},
+                                    "warp": {"mean_r": 0.1, "quiet": {"silence": {"ratio_to_speech_std": 0.0}}}}}}
+
+
+def test_headline_is_flat():
+    h = headline(_res())
+    assert h["mouth_r_neural"] == 0.5 and h["mouth_r_warp"] == 0.1
+    assert h["quiet_silence_neural"] == 0.05 and h["psnr"] == 25.0 and h["classifier_f1"] == 0.8
+
+
+def test_beats_needs_a_higher_mouth_r_and_no_regression():
+    shipped = _res()
+    assert beats(_res(r_neural=0.6), shipped)[0]
+    ok, why = beats(_res(r_neural=0.5), shipped)
+    assert not ok and "mouth r" in why[0]
+    assert not beats(_res(r_neural=0.6, psnr=24.0), shipped)[0]
+    assert beats(_res(r_neural=0.6, psnr=24.6), shipped)[0]
+    assert not beats(_res(r_neural=0.6, f1=0.75), shipped)[0]
+    assert not beats(_res(r_neural=0.6, quiet=0.2), shipped)[0]
+    assert beats(_res(r_neural=0.6), {**shipped, "mouth": None})[0] is False  # nothing to beat: NaN
+
+
+def test_audio2au_f1_counts_every_labelled_test_frame(tmp_path):
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    n = 9
+    for spk, voice in (("a-es_x", "es_x"), ("b-rs_y", "rs_y"), ("c-es_z", "es_z")):
+        audio = (0.3 * rng.standard_normal(n * SAMPLES_PER_FRAME)).astype(np.float32)
+        au = rng.uniform(0, 1, (n, 5)).astype(np.float32)
+        au[0] = np.nan
+        write_clip(tmp_path, spk, "u0", np.repeat(face[None], n, 0), audio, face, au=au, voice=voice)
+    write_split(tmp_path, ["a-es_x"], ["b-rs_y", "c-es_z"])
+    torch.manual_seed(0)
+    model = TalkingHead(ModelConfig.tiny())
+    ckpt = save_checkpoint(tmp_path / "ckpt", {"generator": model.state_dict()}, model.cfg)
+    res = audio2au_f1(ckpt, tmp_path)
+    assert res["frames"] == 2 * n
+    assert set(res) == {"all", "espeak", "real", "frames"}
+    assert res["real"]["per_au"]["AU10"]["frames"] == n - 1  # the NaN frame is not scored
+    assert res["all"]["per_au"]["AU10"]["frames"] == 2 * (n - 1)

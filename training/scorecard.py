@@ -1,0 +1,116 @@
+"""One model's figures, as the starter's MODEL_CARD.md reports them (issue 4, "done when"):
+
+- ``audio2au``: Audio2AU occurrence F1 on the test split's MFCC windows (held-out voices),
+  overall and per speech source (espeak-ng ``es_*`` / real recordings ``rs_*`` voices);
+- ``classifier``: the AU classifier's F1 on the test split's real frames (held-out identities),
+  and ``generator``: PSNR, SSIM and AU F1 of generated frames (``evaluate.evaluate``);
+- ``mouth``: ``mouth_eval.evaluate_mouth`` on real talking-face clips through the exported
+  graphs (Pearson r of mouth opening, quiet-input ratios), both renderers.
+
+``scripts/compare_starter.py`` scores a candidate and the shipped starter with this and says
+whether the candidate beats it (:func:`beats`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import build_model_from_checkpoint
+from .data import MFCCCache, load_clip, split_entries
+from .metrics import au_scores
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    checkpoint: Path  # training checkpoint (generator + au_classifier)
+    model_dir: Path | None  # its exported graphs (None: skip the real-clip figures)
+    data: Path  # corpus with a test split (avatar-train synth)
+    clips: tuple[Path, ...] = ()  # real talking-face videos (GRID)
+    max_clips: int | None = None  # generator figures on the first N test clips only
+    progress: bool = False
+
+
+def audio2au_f1(checkpoint: Path, data: Path, split: str = "test") -> dict:
+    """Audio2AU F1 of the checkpoint's generator on ``split``: ``{"all", "espeak", "real"}``."""
+    model = build_model_from_checkpoint(checkpoint)
+    if model.audio2au is None:
+        raise ValueError(f"{checkpoint}: the model has no Audio2AU modules (audio2au=false)")
+    cache = MFCCCache(data)
+    probs, labels, valid, real = [], [], [], []
+    with torch.no_grad():
+        for e in split_entries(data, split):
+            arr = load_clip(data, e, ("au", "au_label"))
+            _, logits = model.frame_features(torch.from_numpy(cache.get(e)))
+            probs.append(torch.sigmoid(logits).numpy())
+            labels.append(arr["au_label"])
+            valid.append(np.isfinite(arr["au"]))
+            real.append(np.full(len(arr["au"]), str(e.get("voice", "")).startswith("rs_")))
+    p, y, v, r = (np.concatenate(a) for a in (probs, labels, valid, real))
+    out = {"all": au_scores(p, y, v).to_dict()}
+    for name, sel in (("espeak", ~r), ("real", r)):
+        if sel.any():
+            out[name] = au_scores(p[sel], y[sel], v[sel]).to_dict()
+    out["frames"] = int(len(p))
+    return out
+
+
+def score(opts: ScoreOptions) -> dict:
+    """All figures of one model (see the module docstring); JSON-ready."""
+    from .evaluate import EvalOptions, evaluate
+
+    res = {"checkpoint": str(opts.checkpoint), "audio2au": audio2au_f1(opts.checkpoint, opts.data)}
+    ev = evaluate(EvalOptions(data=opts.data, checkpoint=opts.checkpoint, max_clips=opts.max_clips,
+                              face_metrics=False, progress=opts.progress))
+    res["generator"] = {k: ev[k] for k in ("clips", "frames", "psnr", "ssim")}
+    res["generator"]["au_f1"] = (ev["au_generated"] or {}).get("mean_f1")
+    res["classifier"] = ev["au_real"]
+    if opts.model_dir is not None and opts.clips:
+        from .mouth_eval import MouthEvalOptions, evaluate_mouth
+
+        res["mouth"] = evaluate_mouth(MouthEvalOptions(clips=tuple(opts.clips), model=opts.model_dir),
+                                      progress=print if opts.progress else None)
+    return res
+
+
+def headline(res: dict) -> dict[str, float | None]:
+    """The figures a comparison looks at, flat."""
+    out = {"audio2au_f1": res["audio2au"]["all"]["mean_f1"],
+           "classifier_f1": (res.get("classifier") or {}).get("mean_f1"),
+           "psnr": res["generator"]["psnr"], "ssim": res["generator"]["ssim"],
+           "generated_au_f1": res["generator"]["au_f1"]}
+    for name, r in (res.get("mouth") or {}).get("renderers", {}).items():
+        out[f"mouth_r_{name}"] = r["mean_r"]
+        for q, v in r["quiet"].items():
+            out[f"quiet_{q}_{name}"] = v["ratio_to_speech_std"]
+    return out
+
+
+def beats(candidate: dict, shipped: dict) -> tuple[bool, list[str]]:
+    """A candidate replaces the shipped weights when its real-speech mouth r (neural renderer)
+    is higher and nothing else regresses past a tolerance: PSNR by 0.5 dB, any F1 by 0.02, a
+    quiet-input ratio above 0.1. Returns (verdict, reasons)."""
+    c, s = headline(candidate), headline(shipped)
+    why = []
+
+    def val(d, k):
+        v = d.get(k)
+        return float("nan") if v is None else float(v)
+
+    if not val(c, "mouth_r_neural") > val(s, "mouth_r_neural"):
+        why.append(f"mouth r (neural) {val(c, 'mouth_r_neural'):.3f} is not above {val(s, 'mouth_r_neural'):.3f}")
+    if val(c, "psnr") < val(s, "psnr") - 0.5:
+        why.append(f"PSNR {val(c, 'psnr'):.2f} dB is more than 0.5 dB below {val(s, 'psnr'):.2f}")
+    for k in ("audio2au_f1", "classifier_f1", "generated_au_f1"):
+        if val(c, k) < val(s, k) - 0.02:
+            why.append(f"{k} {val(c, k):.3f} is more than 0.02 below {val(s, k):.3f}")
+    for k, v in c.items():
+        if k.startswith("quiet_") and v is not None and v > 0.1 >= (s.get(k) or 0.0):
+            why.append(f"{k} {v:.3f} is above 0.1")
+    return not why, why
+
+
+__all__ = ["ScoreOptions", "audio2au_f1", "beats", "headline", "score"]
