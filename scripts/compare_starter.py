@@ -8,7 +8,7 @@ Both models are scored on the same corpus test split and the same real clips
 (``training.scorecard.score``). Exit status 0: the candidate beats the shipped weights
 (``scorecard.beats``: higher real-speech mouth r with the neural renderer, no regression
 past tolerance elsewhere) and may replace pkg/starter; 1: it does not (the reasons are
-printed); 2: bad input. Commit new starter weights only on exit status 0.
+printed); 2: bad input. ``--no-shipped`` scores the candidate alone (exit 0). Commit new starter weights only on exit status 0.
 """
 
 from __future__ import annotations
@@ -32,28 +32,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=Path, nargs="+", required=True, help="real talking-face clips (GRID) or folders")
     p.add_argument("--shipped-checkpoint", type=Path, default=STARTER_CHECKPOINT)
     p.add_argument("--shipped-model", type=Path, default=STARTER_DIR / "onnx")
+    p.add_argument("--no-shipped", action="store_true", help="score the candidate only (e.g. for its model card)")
     p.add_argument("--max-clips", type=int, help="generator figures on the first N test clips only")
     p.add_argument("--json", type=Path, help="write both score sets here")
     args = p.parse_args(argv)
-    for path in (args.checkpoint, args.model, args.data, args.shipped_checkpoint, args.shipped_model):
+    paths = [args.checkpoint, args.model, args.data] + ([] if args.no_shipped else
+                                                         [args.shipped_checkpoint, args.shipped_model])
+    for path in paths:
         if not path.exists():
             print(f"compare_starter: {path} does not exist", file=sys.stderr)
             return 2
     res = {}
-    for name, ckpt, model in (("candidate", args.checkpoint, args.model),
-                              ("shipped", args.shipped_checkpoint, args.shipped_model)):
+    runs = [("candidate", args.checkpoint, args.model)]
+    if not args.no_shipped:
+        runs.append(("shipped", args.shipped_checkpoint, args.shipped_model))
+    for name, ckpt, model in runs:
         res[name] = score(ScoreOptions(checkpoint=ckpt, model_dir=model, data=args.data, clips=tuple(args.clips),
                                        max_clips=args.max_clips))
-    c, s = headline(res["candidate"]), headline(res["shipped"])
+    c = headline(res["candidate"])
+    s = headline(res["shipped"]) if "shipped" in res else {}
     print(f"{'figure':<32} {'candidate':>10} {'shipped':>10}")
     for k in sorted(set(c) | set(s)):
         fmt = lambda v: "-" if v is None else f"{v:10.4f}"  # noqa: E731
         print(f"{k:<32} {fmt(c.get(k)):>10} {fmt(s.get(k)):>10}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1, default=float))
+    if "shipped" not in res:
+        return 0
     ok, why = beats(res["candidate"], res["shipped"])
     print("verdict: the candidate beats the shipped starter" if ok else "verdict: keep the shipped starter: "
           + "; ".join(why))
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=float))
     return 0 if ok else 1
 
 

@@ -1,0 +1,57 @@
+"""Assemble the shipped starter checkpoint from the stage runs (no training, no pickles).
+
+    .venv/bin/python scripts/assemble_starter.py --train runs/full/best.safetensors \
+        --au-classifier runs/clf/best.safetensors --out pkg/starter/starter
+
+Writes ``OUT.safetensors`` + ``OUT.json`` (training/checkpoint.py format) holding module
+``generator`` (Audio2AU inside it) from ``--train`` and ``au_classifier`` from
+``--au-classifier`` (or the train run's own, when it trained with L_au), without optimizer
+state or RNG rows. Both must have the same architecture (loss weights may differ); the
+file carries the train run's config. ``extra`` records where each came
+from and the stage extras, so the model card can be checked against the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from avatar_stream.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+LOSS_WEIGHTS = {"w_rec": 0.0, "w_id": 0.0, "w_per": 0.0, "w_au": 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=Path, required=True, help="avatar-train train checkpoint")
+    p.add_argument("--au-classifier", type=Path, help="pretrain-au-classifier checkpoint (default: the train run's)")
+    p.add_argument("--out", type=Path, required=True, help="output stem (OUT.safetensors, OUT.json)")
+    args = p.parse_args(argv)
+    try:
+        cfg, states, extra = load_checkpoint(args.train)
+        modules = {"generator": states["generator"]}
+        clf_src = args.au_classifier or args.train
+        clf_cfg, clf_states, clf_extra = load_checkpoint(clf_src)
+    except (CheckpointError, FileNotFoundError, KeyError) as e:
+        print(f"assemble_starter: {e}", file=sys.stderr)
+        return 2
+    if "au_classifier" not in clf_states:
+        print(f"assemble_starter: {clf_src} holds no au_classifier: pass --au-classifier", file=sys.stderr)
+        return 2
+    # Loss weights differ between stages (--no-vgg sets w_per=0 for train only); the
+    # architecture must not.
+    if dataclasses.replace(clf_cfg, **LOSS_WEIGHTS) != dataclasses.replace(cfg, **LOSS_WEIGHTS):
+        print(f"assemble_starter: {clf_src} has another architecture (ModelConfig) than {args.train}", file=sys.stderr)
+        return 2
+    modules["au_classifier"] = clf_states["au_classifier"]
+    meta = {"generator_from": str(args.train), "generator_extra": extra,
+            "au_classifier_from": str(clf_src), "au_classifier_extra": clf_extra}
+    out = save_checkpoint(args.out, modules, cfg, extra=meta)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
