@@ -121,14 +121,15 @@ def _run_stage(args, fn, opts) -> int:
 def cmd_pretrain_au(args) -> int:
     from .stages import PretrainOptions, pretrain_au
 
-    return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr,
+    return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr, balance=args.balance,
                                                          augment_speech=args.augment_speech))
 
 
 def cmd_pretrain_au_classifier(args) -> int:
     from .stages import PretrainOptions, pretrain_au_classifier
 
-    return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr))
+    return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr,
+                                                                    balance=args.balance))
 
 
 def cmd_train(args) -> int:
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         _loop_args(s, epochs=10, batch=32)
         _model_args(s)
         s.add_argument("--lr", type=float, default=1e-3)
+        s.add_argument("--balance", action="store_true",
+                       help="weight positive labels by (1 - r) / r per AU (r = training occurrence rate)")
         if name == "pretrain-au":
             s.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
         s.set_defaults(func=func)

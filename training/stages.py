@@ -44,6 +44,9 @@ class PretrainOptions:
     lr: float = 1e-3
     frames_per_item: int = 8  # frames of one clip per dataset item (batch = B x this)
     augment_speech: bool = False  # training split only (training/augment.py); pretrain-au only
+    # Weight positives by (1 - r) / r per AU (r = training-split occurrence rate): rare AUs
+    # are otherwise learned last, and F1 at threshold 0.5 stays near 0 for them meanwhile.
+    balance: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,11 @@ def _has_val(data: Path) -> bool:
     return bool(read_split(data)["test"])
 
 
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits averaged over entries with a known label (0 if none, graph kept)."""
-    per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE-with-logits averaged over entries with a known label (0 if none, graph kept);
+    ``pos_weight`` (n_au,) scales the positive term per AU (class balance)."""
+    per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none", pos_weight=pos_weight)
     return (per * valid).sum() / valid.sum().clamp(min=1.0)
 
 
@@ -111,6 +116,10 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
     wrapped = _wrap(net, info)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=opts.lr)
     dev = info.device
+    pos_w = None
+    if opts.balance:
+        rates = np.clip(au_occurrence_rates(opts.data, "train"), 0.01, 0.99)
+        pos_w = torch.as_tensor((1.0 - rates) / rates, dtype=torch.float32, device=dev)
 
     def flat(batch):
         x, y, v = (t.to(dev) for t in batch)
@@ -119,7 +128,7 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
     def step(batch):
         x, y, v = flat(batch)
         logits = wrapped(x)
-        loss = masked_bce(logits, y, v)
+        loss = masked_bce(logits, y, v, pos_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -129,11 +138,12 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
     def validate(batch):
         x, y, v = flat(batch)
         logits = net(x)
-        loss = float(masked_bce(logits, y, v))
+        loss = float(masked_bce(logits, y, v, pos_w))
         return {"bce": loss, "total": loss, "acc": _accuracy(logits, y, v)}
 
     return Task(name, cfg, train_set, val_set, opt, saved, step, validate,
-                extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech})
+                extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech,
+                       "balance": opts.balance})
 
 
 def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
