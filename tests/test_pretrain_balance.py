@@ -1,7 +1,8 @@
-"""stages.masked_bce with class balance (``--balance``): positives weighted per AU."""
+"""stages.masked_bce with class balance (``--balance``) and the mouth-box L1 (``w_mouth``)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from avatar_stream.training.stages import masked_bce
@@ -18,3 +19,19 @@ def test_pos_weight_scales_only_the_positive_term_and_respects_the_mask():
     torch.testing.assert_close(masked_bce(logits, labels, valid, w), expected)
     torch.testing.assert_close(masked_bce(logits, labels, valid), masked_bce(logits, labels, valid, torch.ones(2)))
     assert masked_bce(logits, labels, valid, w) != masked_bce(logits, labels, valid)
+
+
+def test_mouth_loss_sees_only_the_mouth_box():
+    from avatar_stream.training.config import ModelConfig
+    from avatar_stream.training.losses import TotalLoss, mouth_loss
+
+    target = torch.zeros(1, 2, 3, 112, 112)
+    moved = target.clone()
+    moved[..., 20:40, 40:70] = 1.0  # eyes region: not the mouth
+    assert float(mouth_loss(moved, target)) == 0.0
+    moved[..., 80:90, 50:60] = 1.0  # inside the box (rows 62-101, cols 34-78)
+    assert float(mouth_loss(moved, target)) == pytest.approx(100 * 3 / (3 * 39 * 44))
+    ident = torch.zeros(1, 3, 112, 112)
+    off = TotalLoss(ModelConfig.tiny(w_per=0.0, w_au=0.0))(moved, target, ident)
+    on = TotalLoss(ModelConfig.tiny(w_per=0.0, w_au=0.0, w_mouth=2.0))(moved, target, ident)
+    assert "mouth" not in off and float(on["total"] - off["total"]) == pytest.approx(2.0 * float(on["mouth"]))

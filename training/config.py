@@ -59,6 +59,10 @@ class ModelConfig:
     w_id: float = 1.5
     w_per: float = 0.07
     w_au: float = 0.02
+    # Not in the paper (0 = off): extra L1 on the mouth box of the canonical crop
+    # (losses.MOUTH_BOX), for short CPU runs where the full-frame L_rec is dominated by
+    # copying the identity and the mouth learns late.
+    w_mouth: float = 0.0
 
     def __post_init__(self) -> None:
         # JSON gives lists; the dataclass is frozen and hashable, so store a tuple.
@@ -92,7 +96,7 @@ class ModelConfig:
              f"tcsan_hidden ({self.tcsan_hidden}) must be divisible by tcsan_heads ({self.tcsan_heads})")
         need(self.fusion != "gru" or self.tcsan_hidden % 2 == 0,
              f"the bidirectional GRU needs an even tcsan_hidden, got {self.tcsan_hidden}")
-        for name in ("w_rec", "w_id", "w_per", "w_au"):
+        for name in ("w_rec", "w_id", "w_per", "w_au", "w_mouth"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
     # -- derived sizes ---------------------------------------------------------------------

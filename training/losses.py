@@ -122,6 +122,18 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.l1_loss(pred, target)
 
 
+# Rows and columns of the canonical crop that hold the mouth open or closed (template
+# mouth landmarks span x 42-69, y 70-79 of 112; the jaw drops to ~y 95), as fractions of S.
+MOUTH_BOX = ((0.55, 0.9), (0.3, 0.7))
+
+
+def mouth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 over ``MOUTH_BOX`` of ``(..., 3, S, S)`` frames (``ModelConfig.w_mouth``)."""
+    s = pred.shape[-1]
+    (r0, r1), (c0, c1) = ((round(a * s), round(b * s)) for a, b in MOUTH_BOX)
+    return F.l1_loss(pred[..., r0:r1, c0:c1], target[..., r0:r1, c0:c1])
+
+
 def identity_loss(pred: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
     """L_id: L1 between the upper halves of ``pred (B, T, 3, S, S)`` (or ``(B, 3, S, S)``) and
     ``identity (B, 3, S, S)``; the upper face should not move with speech."""
@@ -208,6 +220,8 @@ class TotalLoss(nn.Module):
             parts["rec"] = reconstruction_loss(pred, target)
         if cfg.w_id > 0:
             parts["id"] = identity_loss(pred, identity)
+        if cfg.w_mouth > 0:
+            parts["mouth"] = mouth_loss(pred, target)
         if self.perceptual is not None:
             parts["per"] = self.perceptual(pred, target)
         if cfg.w_au > 0:
@@ -215,6 +229,6 @@ class TotalLoss(nn.Module):
                 raise ValueError("w_au > 0 needs au_logits (AU classifier on the generated frames) "
                                  "and au_target (AU labels); pass them or set w_au=0")
             parts["au"] = au_loss(au_logits, au_target, self.au_w)
-        weight = {"rec": cfg.w_rec, "id": cfg.w_id, "per": cfg.w_per, "au": cfg.w_au}
+        weight = {"rec": cfg.w_rec, "id": cfg.w_id, "per": cfg.w_per, "au": cfg.w_au, "mouth": cfg.w_mouth}
         parts["total"] = sum((weight[k] * v for k, v in parts.items()), start=pred.new_zeros(()))
         return parts

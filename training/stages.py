@@ -60,6 +60,7 @@ class TrainOptions:
     au_classifier: Path | None = None  # pretrain-au-classifier checkpoint
     vgg_weights: Path | None = None  # None with cfg.w_per == 0 (--no-vgg)
     augment_speech: bool = False  # training split only (training/augment.py)
+    init: Path | None = None  # start the generator from this checkpoint's weights (fresh optimizer)
 
 
 def _wrap(module: nn.Module, info: DistInfo) -> nn.Module:
@@ -223,13 +224,16 @@ def _image_grid(identity: torch.Tensor, target: torch.Tensor, pred: torch.Tensor
 def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
     """Model, AU classifier (or None), parameter groups and the effective L_au weight."""
     model = TalkingHead(cfg)
+    if opts.init is not None:
+        load_pretrained(opts.init, "generator", model)
     groups = []
     if cfg.audio2au:
         for m in model.audio2au:
             m.head.requires_grad_(False)  # the last FC is removed after pretraining (paper §3.1)
         a2a = [p for p in model.audio2au.parameters() if p.requires_grad]
-        if opts.audio2au is not None:
+        if opts.audio2au is not None and opts.init is None:
             load_pretrained(opts.audio2au, "audio2au", model.audio2au)
+        if opts.audio2au is not None or opts.init is not None:
             groups.append({"params": a2a, "lr": opts.lr_audio2au, "name": "audio2au"})
         else:
             if info.main:
@@ -327,7 +331,7 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
         modules["au_classifier"] = clf
     extra = {"lr": opts.lr, "lr_audio2au": opts.lr_audio2au, "lr_au_classifier": opts.lr_au_classifier,
              "w_au_effective": w_au, "clip_len": opts.clip_len, "data": str(opts.data),
-             "augment_speech": opts.augment_speech,
+             "augment_speech": opts.augment_speech, "init": str(opts.init) if opts.init else None,
              "audio2au": str(opts.audio2au) if opts.audio2au else None,
              "au_classifier": str(opts.au_classifier) if opts.au_classifier else None}
     task = Task("train", cfg, train_set, val_set, opt, modules, step, validate, images, extra)
