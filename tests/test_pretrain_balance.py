@@ -35,3 +35,17 @@ def test_mouth_loss_sees_only_the_mouth_box():
     off = TotalLoss(ModelConfig.tiny(w_per=0.0, w_au=0.0))(moved, target, ident)
     on = TotalLoss(ModelConfig.tiny(w_per=0.0, w_au=0.0, w_mouth=2.0))(moved, target, ident)
     assert "mouth" not in off and float(on["total"] - off["total"]) == pytest.approx(2.0 * float(on["mouth"]))
+
+
+def test_cli_passes_the_new_flags_to_the_stage_options(monkeypatch, tmp_path):
+    from avatar_stream.training import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_stage", lambda args, fn, opts: seen.setdefault(args.command, opts) and 0)
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    cli.main(["pretrain-au", *base, "--augment-speech", "--balance"])
+    cli.main(["pretrain-au-classifier", *base, "--balance"])
+    cli.main(["train", *base, "--augment-speech", "--init", "x.safetensors", "--no-vgg"])
+    assert seen["pretrain-au"].augment_speech and seen["pretrain-au"].balance
+    assert seen["pretrain-au-classifier"].balance and not seen["pretrain-au-classifier"].augment_speech
+    assert seen["train"].augment_speech and str(seen["train"].init) == "x.safetensors"

@@ -122,7 +122,7 @@ def cmd_pretrain_au(args) -> int:
     from .stages import PretrainOptions, pretrain_au
 
     return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr, balance=args.balance,
-                                                         augment_speech=args.augment_speech, init=args.init))
+                                                         augment_speech=args.augment_speech))
 
 
 def cmd_pretrain_au_classifier(args) -> int:
