@@ -20,7 +20,7 @@ from pathlib import Path
 
 from avatar_stream.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-LOSS_WEIGHTS = {"w_rec": 0.0, "w_id": 0.0, "w_per": 0.0, "w_au": 0.0}
+LOSS_WEIGHTS = {"w_rec": 0.0, "w_id": 0.0, "w_per": 0.0, "w_au": 0.0, "w_mouth": 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
