@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml constraints.txt | apt
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
+# The shipped starter weights (pkg/starter/onnx) on the bundled photo and espeak-ng speech.
 demo: apt $(STAMP)
-	$(PY) demos/frontends.py --out demo_out
+	$(PY) -m avatar_stream.engine.cli --face pkg/assets/face.jpg --audio pkg/assets/speech.wav --out demo.mp4
 
 test: apt $(STAMP)
 	$(PY) -m pytest -q
