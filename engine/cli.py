@@ -135,8 +135,11 @@ def run(args) -> int:
     if args.list_devices:
         from avatar_stream.engine.sources import list_devices
 
-        for index, name, inputs, rate in list_devices():
+        devices = list_devices()
+        for index, name, inputs, rate in devices:
             print(f"{index:3d}  {name}  (inputs: {inputs}, default rate {rate} Hz)")
+        if not devices:
+            print("no audio input devices found (is a microphone connected, and may this user use it?)")
         return 0
     if not (args.out or args.virtual_cam or args.window):
         raise UsageError("no output chosen: add --out FILE.mp4, --virtual-cam and/or --window")

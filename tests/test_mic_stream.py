@@ -106,3 +106,27 @@ def test_microphone_frames_equal_file_frames(speech_wav, tiny_model_dir, tmp_pat
     diff = int(np.abs(mic_crops.astype(np.int16) - np.stack([f.crop for f in ref]).astype(np.int16)).max())
     print(f"{rate} Hz microphone ({info['device']}): {len(ref)} frames, max abs diff vs file source {diff}")
     assert diff == 0
+
+
+@pytest.mark.parametrize("with_device", [True, False])
+def test_list_devices(tmp_path, with_device):
+    """`avatar-stream --list-devices` lists PortAudio's input devices (the ALSA file PCM as
+    the default device), or says there are none."""
+    pytest.importorskip("pyaudio", reason="pyaudio is the [mic] extra")
+    home = tmp_path / "home"
+    home.mkdir()
+    if with_device:
+        raw = tmp_path / "x.raw"
+        np.zeros(16000, "<i2").tofile(raw)
+        (home / ".asoundrc").write_text(
+            'pcm.!default { type plug slave.pcm "wavin" }\n'
+            f'pcm.wavin {{ type file slave.pcm "null" file "/dev/null" infile "{raw}" format "raw" }}\n')
+    r = subprocess.run([sys.executable, "-m", "avatar_stream.engine.cli", "--list-devices"],
+                       env=dict(os.environ, HOME=str(home)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if with_device:
+        assert "default" in r.stdout and "inputs:" in r.stdout
+    elif "inputs:" in r.stdout:
+        pytest.skip("this machine has real audio input devices")
+    else:
+        assert "no audio input devices found" in r.stdout
