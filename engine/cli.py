@@ -98,7 +98,7 @@ def _open_source(args):
 
 
 def _duration_samples(seconds: float) -> int:
-    if not seconds > 0:
+    if not 0 < seconds < float("inf"):
         raise UsageError(f"--duration must be a positive number of seconds, got {seconds}")
     return round(seconds * tb.SAMPLE_RATE)
 
@@ -144,6 +144,9 @@ def run(args) -> int:
     if not (args.out or args.virtual_cam or args.window):
         raise UsageError("no output chosen: add --out FILE.mp4, --virtual-cam and/or --window")
     size = _parse_size(args.size)
+    limit = None if args.duration is None else _duration_samples(args.duration)
+    if args.max_backlog < 1:
+        raise UsageError(f"--max-backlog must be at least 1, got {args.max_backlog}")
     from avatar_stream import DEMO_FACE
 
     face_path = args.face if args.face is not None else DEMO_FACE
@@ -167,7 +170,7 @@ def run(args) -> int:
         source, live = _open_source(args)
         stack.callback(source.close)
         video, audio = _open_sinks(args, stack, (out_w, out_h), engine.latency.samples)
-        chunks = source if args.duration is None else limit_samples(source, _duration_samples(args.duration))
+        chunks = source if limit is None else limit_samples(source, limit)
         report = run_session(stream, chunks, video, audio,
                              SessionOptions(live=live, max_backlog=args.max_backlog))
     for line in report.lines():
@@ -196,7 +199,7 @@ def _setup_logging(quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -206,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"avatar-stream: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:  # None: not set from Python; nothing to put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ class SessionOptions:
     live: bool = False  # drop frames when behind (microphone, --realtime); offline: never drop
     max_backlog: int = 2  # ready frames allowed to wait before the oldest are dropped
 
+    def __post_init__(self) -> None:
+        if self.max_backlog < 1:  # 0 would drop every frame in live mode
+            raise ValueError(f"max_backlog must be at least 1, got {self.max_backlog}")
+
 
 @dataclass(frozen=True)
 class SessionReport:
@@ -111,3 +115,5 @@ def limit_samples(source: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
             break
         yield chunk[:left]
         left -= len(chunk)
+        if left <= 0:
+            return

@@ -212,3 +212,31 @@ def test_duration_limits_any_source(capsys, tiny_model_dir, tmp_path):
     code, err = run_cli(capsys, "--audio", DEMO_SPEECH, "--duration", "0", "--out", tmp_path / "e.mp4",
                         "--model", tiny_model_dir)
     assert code == 2 and "--duration" in error_line(err)
+
+
+def test_error_infinite_duration_is_one_line(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "inf.mp4"
+    code, err = run_cli(capsys, "--audio", DEMO_SPEECH, "--duration", "inf", "--out", out,
+                        "--model", tiny_model_dir, "--backend", "cpu")
+    assert code == 2 and "--duration" in error_line(err)
+    assert not out.exists()  # a usage error writes no output file
+
+
+def test_error_max_backlog_below_one(capsys, tiny_model_dir, tmp_path):
+    """--max-backlog 0 would drop every live frame: refused up front."""
+    code, err = run_cli(capsys, "--audio", DEMO_SPEECH, "--realtime", "--max-backlog", "0", "--out",
+                        tmp_path / "b.mp4", "--model", tiny_model_dir, "--backend", "cpu")
+    assert code == 2 and "--max-backlog" in error_line(err)
+
+
+def test_main_restores_sigterm_handler(capsys, tmp_path):
+    def mine(signum, frame):  # noqa: ARG001
+        pass
+
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        code, _ = run_cli(capsys, "--out", tmp_path / "x.mp4", "--model", tmp_path / "nowhere")
+        assert code == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, old)
