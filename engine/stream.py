@@ -169,6 +169,7 @@ class Stream:
         self._feats: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # frame -> (feat, au_prob)
         self._next_out = 0  # frame cursor
         self._resamplers: dict[int, StreamResampler] = {}
+        self._rate: int | None = None  # the input rate of this stream (fixed by the first call)
         self.frames_out = 0
         self.frames_dropped = 0
         self.times = StageTimes()
@@ -192,11 +193,13 @@ class Stream:
         if self._finished:
             raise RuntimeError("accept_waveform after input_finished(): call reset() first")
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if self._rate is None:
+            self._rate = sample_rate
+        elif sample_rate != self._rate:
+            raise ValueError("the sample rate changed within one stream: reset() first")
         if sample_rate != tb.SAMPLE_RATE:
             rs = self._resamplers.get(sample_rate)
             if rs is None:
-                if self._resamplers:
-                    raise ValueError("the sample rate changed within one stream: reset() first")
                 rs = self._resamplers[sample_rate] = StreamResampler(sample_rate)
             samples = rs.process(samples)
         if samples.size:

@@ -277,3 +277,27 @@ def test_step_many_batches_streams_like_single_steps(engine, speech):
                 got[i].append(fr)
     for a, g in zip(alone, got, strict=True):
         assert _max_diff(a, g) <= 1
+
+
+def test_limit_samples_does_not_wait_for_a_chunk_past_the_limit():
+    """Once n samples were yielded the limit stops without pulling another chunk (a
+    microphone or a silent stdin pipe would block on it)."""
+    from avatar_stream.engine.session import limit_samples
+
+    def source():
+        yield np.zeros(640, np.float32)
+        yield np.zeros(640, np.float32)
+        raise AssertionError("pulled a chunk past the limit")
+
+    assert sum(len(c) for c in limit_samples(source(), 1280)) == 1280
+
+
+def test_sample_rate_change_within_stream_is_refused(engine, face, speech):
+    stream = engine.create_stream(face, crop_only=True)
+    stream.accept_waveform(speech[:4800], 48000)
+    with pytest.raises(ValueError, match="sample rate changed"):
+        stream.accept_waveform(speech[:1600], tb.SAMPLE_RATE)
+    stream.reset()
+    stream.accept_waveform(speech[:1600], tb.SAMPLE_RATE)
+    with pytest.raises(ValueError, match="sample rate changed"):
+        stream.accept_waveform(speech[:4800], 48000)
