@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         batches = [int(b) for b in args.batch.split(",")]
+        if min(batches) < 1 or args.repeat < 1 or not args.seconds * tb.SAMPLE_RATE >= tb.SAMPLES_PER_FRAME:
+            raise ValueError("--batch sizes and --repeat must be at least 1, --seconds at least one "
+                             f"frame ({1 / tb.FPS} s)")
         engine = Engine(args.model, backend=args.backend, renderer=args.renderer)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"avatar-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -20,3 +20,10 @@ def test_bench_writes_table_and_json(tiny_model_dir, tmp_path, capsys):
 def test_bench_bad_model_is_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "none"), "--json", str(tmp_path / "b.json")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bench_bad_numbers_are_one_line(tiny_model_dir, tmp_path, capsys):
+    for bad in (["--seconds", "0"], ["--repeat", "0"], ["--batch", "0"]):
+        assert main(["--model", str(tiny_model_dir), "--backend", "cpu", *bad,
+                     "--json", str(tmp_path / "b.json")]) == 2, bad
+        assert "error:" in capsys.readouterr().err
