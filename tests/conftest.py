@@ -90,3 +90,22 @@ def tiny_export(tmp_path_factory):
     assert rc == 0, buf.getvalue()
     return SimpleNamespace(model=build_model_from_checkpoint(ckpt), checkpoint=ckpt, out=d / "model",
                            stdout=buf.getvalue())
+
+
+def write_alsa_home(home: Path, infile: Path | None) -> Path:
+    """A HOME whose .asoundrc makes ALSA's default capture device read ``infile`` (raw s16le
+    mono) through a file PCM: a real PortAudio microphone without hardware
+    (../shared/ENVIRONMENT.md). ``infile`` None: no .asoundrc, i.e. no input device here."""
+    home.mkdir(parents=True, exist_ok=True)
+    if infile is not None:
+        (home / ".asoundrc").write_text(
+            'pcm.!default { type plug slave.pcm "wavin" }\n'
+            f'pcm.wavin {{ type file slave.pcm "null" file "/dev/null" infile "{infile}" format "raw" }}\n'
+        )
+    return home
+
+
+@pytest.fixture
+def alsa_home(tmp_path):
+    """Factory: ``alsa_home(infile) -> HOME folder`` (see ``write_alsa_home``)."""
+    return lambda infile: write_alsa_home(tmp_path / "alsa_home", infile)

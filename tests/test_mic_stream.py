@@ -64,7 +64,7 @@ _CHILD = """
 
 
 @pytest.mark.parametrize("rate", [16000, 48000])
-def test_microphone_frames_equal_file_frames(speech_wav, tiny_model_dir, tmp_path, rate):
+def test_microphone_frames_equal_file_frames(speech_wav, tiny_model_dir, tmp_path, alsa_home, rate):
     pytest.importorskip("pyaudio", reason="pyaudio is the [mic] extra")
     from avatar_stream.engine.audio import StreamResampler, resample
 
@@ -74,11 +74,7 @@ def test_microphone_frames_equal_file_frames(speech_wav, tiny_model_dir, tmp_pat
         np.clip(resample(pcm.astype(np.float32) / 32768, tb.SAMPLE_RATE, rate), -1, 1) * 32767).round().astype("<i2")
     raw = tmp_path / "mic.raw"
     device_pcm.tofile(raw)
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / ".asoundrc").write_text(
-        'pcm.!default { type plug slave.pcm "wavin" }\n'
-        f'pcm.wavin {{ type file slave.pcm "null" file "/dev/null" infile "{raw}" format "raw" }}\n')
+    home = alsa_home(raw)
     # 16 kHz samples whose value is fully determined by the file (the resampler's lookahead
     # at 48 kHz needs samples past the cut; stay inside the file).
     want = (len(pcm) // tb.SAMPLES_PER_FRAME - 2) * tb.SAMPLES_PER_FRAME
@@ -109,18 +105,15 @@ def test_microphone_frames_equal_file_frames(speech_wav, tiny_model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("with_device", [True, False])
-def test_list_devices(tmp_path, with_device):
+def test_list_devices(tmp_path, alsa_home, with_device):
     """`avatar-stream --list-devices` lists PortAudio's input devices (the ALSA file PCM as
     the default device), or says there are none."""
     pytest.importorskip("pyaudio", reason="pyaudio is the [mic] extra")
-    home = tmp_path / "home"
-    home.mkdir()
+    raw = None
     if with_device:
         raw = tmp_path / "x.raw"
         np.zeros(16000, "<i2").tofile(raw)
-        (home / ".asoundrc").write_text(
-            'pcm.!default { type plug slave.pcm "wavin" }\n'
-            f'pcm.wavin {{ type file slave.pcm "null" file "/dev/null" infile "{raw}" format "raw" }}\n')
+    home = alsa_home(raw)
     r = subprocess.run([sys.executable, "-m", "avatar_stream.engine.cli", "--list-devices"],
                        env=dict(os.environ, HOME=str(home)), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -187,13 +187,9 @@ needs_alsa = pytest.mark.skipif(platform.system() != "Linux", reason="ALSA file-
 
 
 def _alsa_home(home: Path, infile: Path | None) -> Path:
-    home.mkdir(parents=True, exist_ok=True)
-    if infile is not None:
-        (home / ".asoundrc").write_text(
-            'pcm.!default { type plug slave.pcm "wavin" }\n'
-            f'pcm.wavin {{ type file slave.pcm "null" file "/dev/null" infile "{infile}" format "raw" }}\n'
-        )
-    return home
+    from conftest import write_alsa_home
+
+    return write_alsa_home(home, infile)
 
 
 def _child(home: Path, code: str, timeout: float = 60) -> dict:
