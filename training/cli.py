@@ -140,7 +140,7 @@ def cmd_train(args) -> int:
     opts = TrainOptions(data=args.data, clip_len=args.clip_len, lr=args.lr, lr_audio2au=args.lr_audio2au,
                         lr_au_classifier=args.lr_au_classifier, audio2au=args.audio2au,
                         au_classifier=args.au_classifier, vgg_weights=args.vgg_weights,
-                        augment_speech=args.augment_speech, init=args.init)
+                        augment_speech=args.augment_speech, noise_floor=args.noise_floor, init=args.init)
     return _run_stage(args, train, opts)
 
 
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--audio2au", type=Path, help="pretrain-au checkpoint (RUN_AU/best.safetensors)")
     t.add_argument("--au-classifier", type=Path, help="pretrain-au-classifier checkpoint (enables L_au)")
     t.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
+    t.add_argument("--noise-floor", type=float, default=0.0, metavar="P",
+                   help="with --augment-speech: probability of an absolute -75..-40 dBFS noise floor per clip")
     t.add_argument("--init", type=Path, help="start the generator from this train checkpoint (new run, fresh optimizer)")
     vgg = t.add_mutually_exclusive_group()
     vgg.add_argument("--vgg-weights", type=Path, help="torchvision VGG-19 ImageNet weights (vgg19-dcbb9e9d.pth)")

@@ -60,6 +60,7 @@ class TrainOptions:
     au_classifier: Path | None = None  # pretrain-au-classifier checkpoint
     vgg_weights: Path | None = None  # None with cfg.w_per == 0 (--no-vgg)
     augment_speech: bool = False  # training split only (training/augment.py)
+    noise_floor: float = 0.0  # with augment_speech: p of an absolute -75..-40 dBFS noise floor per clip
     init: Path | None = None  # start the generator from this checkpoint's weights (fresh optimizer)
 
 
@@ -288,7 +289,7 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
     seed_everything(loop.seed)
     r = cfg.lookahead_frames
     train_set = ClipDataset(opts.data, "train", context=r, clip_len=opts.clip_len,
-                            augment=SpeechAugment() if opts.augment_speech else None)
+                            augment=SpeechAugment(p_floor=opts.noise_floor) if opts.augment_speech else None)
     val_set = ClipDataset(opts.data, "test", context=r, clip_len=opts.clip_len) if _has_val(opts.data) else None
     model, clf, groups, w_au = _train_parts(cfg, opts, info)
     au_w, w_au = _au_weighting(opts.data, w_au, info)
@@ -331,7 +332,7 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
         modules["au_classifier"] = clf
     extra = {"lr": opts.lr, "lr_audio2au": opts.lr_audio2au, "lr_au_classifier": opts.lr_au_classifier,
              "w_au_effective": w_au, "clip_len": opts.clip_len, "data": str(opts.data),
-             "augment_speech": opts.augment_speech, "init": str(opts.init) if opts.init else None,
+             "augment_speech": opts.augment_speech, "noise_floor": opts.noise_floor, "init": str(opts.init) if opts.init else None,
              "audio2au": str(opts.audio2au) if opts.audio2au else None,
              "au_classifier": str(opts.au_classifier) if opts.au_classifier else None}
     task = Task("train", cfg, train_set, val_set, opt, modules, step, validate, images, extra)
