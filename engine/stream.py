@@ -273,12 +273,11 @@ class Stream:
         keep_from = k - r
         for j in [j for j in self._feats if j < keep_from]:
             del self._feats[j]
-        # Keep feature 0 while it may still be edge-replicated (frames k < R).
-        cut = tb.window_bounds(max(keep_from, 0))[0]
-        cut = max(cut, self._buf_start)
-        # Samples below the window start of the oldest feature still to compute go too.
-        next_feat = max(self._feats.keys(), default=keep_from - 1) + 1
-        cut = min(cut, tb.window_bounds(max(next_feat, 0))[0])
+        # (Feature 0 survives while keep_from <= 0: frames k < R edge-replicate it.)
+        # Audio is needed only by features still to compute: those from the first one not
+        # cached, never below keep_from (_ensure_features starts there).
+        next_feat = max(max(self._feats.keys(), default=-1) + 1, keep_from, 0)
+        cut = tb.window_bounds(next_feat)[0]
         if cut > self._buf_start:
             drop = min(cut - self._buf_start, self._buf.size)
             self._buf = self._buf[drop:]
