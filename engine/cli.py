@@ -19,6 +19,7 @@ from pathlib import Path
 
 from avatar_stream import __version__
 from avatar_stream.engine import timebase as tb
+from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, parse_gate
 
 log = logging.getLogger("avatar_stream")
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported model directory (avatar-export --out); default: the shipped starter")
     p.add_argument("--renderer", default="neural", choices=("neural", "warp"),
                    help="neural: the TCSAN generator; warp: AU-driven warp of the photo from predicted AUs")
+    p.add_argument("--noise-gate", default=str(DEFAULT_THRESHOLD_DBFS), metavar="DBFS|off",
+                   help="frames whose audio stays below this level (loudest 20 ms, dBFS) keep the photo's "
+                        "mouth, so room noise does not move it (default %(default)s; lower it for a very "
+                        "quiet microphone, 'off' to disable)")
     p.add_argument("--size", default=None, metavar="WxH", help="output size (default: the photo's size)")
     p.add_argument("--crop-only", action="store_true", help="output the 112x112 generated crop only")
     p.add_argument("--max-backlog", type=int, default=2,
@@ -147,14 +152,19 @@ def run(args) -> int:
     limit = None if args.duration is None else _duration_samples(args.duration)
     if args.max_backlog < 1:
         raise UsageError(f"--max-backlog must be at least 1, got {args.max_backlog}")
+    try:
+        gate = parse_gate(args.noise_gate)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     from avatar_stream import DEMO_FACE
 
     face_path = args.face if args.face is not None else DEMO_FACE
     photo = read_image(face_path)
-    engine = Engine(args.model, backend=args.backend, renderer=args.renderer)
+    engine = Engine(args.model, backend=args.backend, renderer=args.renderer, noise_gate_dbfs=gate)
     card = engine.model.card
     log.info("model: %s (checkpoint %s, %s)", engine.model.model_dir, card.checkpoint_sha256[:12], card.precision)
     log.info("backend: %s (providers: %s)", engine.backend, ", ".join(engine.model.providers))
+    log.info("noise gate: %s", f"{gate:g} dBFS (--noise-gate)" if gate is not None else "off")
     log.info("algorithmic latency: %.1f ms from a frame's first audio sample to its earliest display "
              "(frame %.0f ms + MFCC window lookahead %.1f ms + TCSAN lookahead %d frames = %.0f ms)",
              engine.latency.ms, 1000 / tb.FPS, 1000 * tb.AUDIO_LOOKAHEAD_SAMPLES / tb.SAMPLE_RATE,

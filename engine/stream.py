@@ -32,6 +32,7 @@ import numpy as np
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import StreamResampler, check_audio
 from avatar_stream.engine.face import AlignedFace, FaceAligner, paste_back, warp_to_crop
+from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, NoiseGate
 from avatar_stream.engine.model import LoadedModel, load_model
 
 
@@ -84,10 +85,15 @@ class StageTimes:
 
 
 class Engine:
-    """Loaded graphs + model card + backend. Immutable and shareable between streams."""
+    """Loaded graphs + model card + backend. Immutable and shareable between streams.
+
+    ``noise_gate_dbfs``: frames whose audio window stays below this level get the features
+    of digital silence (engine/gate.py), so room noise does not move the mouth; None = off.
+    """
 
     def __init__(self, model_dir: str | Path | None = None, backend: str = "auto",
-                 renderer: str = "neural", face_aligner: FaceAligner | None = None):
+                 renderer: str = "neural", face_aligner: FaceAligner | None = None,
+                 noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS):
         if renderer not in ("neural", "warp"):
             raise ValueError(f"unknown renderer {renderer!r}: use 'neural' or 'warp'")
         self.model: LoadedModel = load_model(model_dir, backend)
@@ -95,6 +101,22 @@ class Engine:
         self.aligner = face_aligner or FaceAligner()
         self.lookahead_frames: int = self.model.lookahead_frames
         self.latency = tb.Latency(self.lookahead_frames)
+        self.gate = NoiseGate(noise_gate_dbfs) if noise_gate_dbfs is not None else None
+        self._silent: tuple[np.ndarray, np.ndarray] | None = None
+
+    def silent_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-frame features and AU probabilities of an all-zero window (computed once)."""
+        if self._silent is None:
+            feat, au = self.model.frame_features(np.zeros((1, tb.WINDOW_SAMPLES), dtype=np.float32))
+            self._silent = (feat[0], au[0])
+        return self._silent
+
+    def frame_features(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-frame features + AU probabilities of (N, WINDOW_SAMPLES) PCM windows, gated."""
+        feat, au = self.model.frame_features(windows)
+        if self.gate is not None:
+            feat, au = self.gate.apply(windows, feat, au, *self.silent_features())
+        return feat, au
 
     @property
     def backend(self) -> str:
@@ -252,7 +274,7 @@ class Stream:
             return
         t0 = time.perf_counter()
         windows = np.stack([self._window(j) for j in todo])
-        feat, au = self.engine.model.frame_features(windows)
+        feat, au = self.engine.frame_features(windows)
         for i, j in enumerate(todo):
             self._feats[j] = (feat[i], au[i])
         self.times.features.append(time.perf_counter() - t0)

@@ -87,6 +87,9 @@ def test_eval_mouth_command_on_a_tiny_model(tiny_model_dir, astronaut, tmp_path,
         assert c["frames"] >= n - 2 and (np.isnan(c["r"]) or -1.0 <= c["r"] <= 1.0)
         # the real track of the clip is the jaw we drew (video coding kept it readable)
         assert c["real_std"] > 0.01
-        assert set(r["quiet"]) == {"silence", "noise-50dBFS"}
+        assert set(r["quiet"]) == {"silence", "noise-50dBFS"} == set(r["quiet_ungated"])
+        # the engine's default noise gate (-45 dBFS) turns the -50 dBFS hiss into silence
+        assert r["quiet"]["noise-50dBFS"]["std"] == pytest.approx(r["quiet"]["silence"]["std"], abs=1e-9)
     # constant input -> constant AU drive -> the warp does not move at all
     assert res["renderers"]["warp"]["quiet"]["silence"]["std"] == pytest.approx(0.0, abs=1e-9)
+    assert res["noise_gate_dbfs"] == -45.0 and "noise gate -45 dBFS" in printed

@@ -11,7 +11,10 @@ finds no face on either side are left out) and the mean over clips.
 Quiet input: the first clip's first frame driven by ``silence_seconds`` of zeros and of
 white noise at ``noise_dbfs`` (RMS re full scale). The mouth should stay as in the photo:
 reported as the std of the opening under that input divided by the mean std on the clips'
-speech (target < 0.1), and the mean offset from the photo's own opening.
+speech (target < 0.1), and the mean offset from the photo's own opening. Everything runs with
+the engine's noise gate at ``noise_gate_dbfs`` (engine/gate.py; the default is what
+``avatar-stream`` uses); when the gate is on, the quiet inputs are scored once more with it
+off (``quiet_ungated``): that is what the model itself does with the noise.
 
 No torch here (engine + dlib only), so any exported model directory can be scored.
 """
@@ -26,6 +29,7 @@ import numpy as np
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import load_audio
 from avatar_stream.engine.face import FaceAligner, FaceError
+from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, parse_gate
 
 VIDEO_EXTS = (".mpg", ".mp4", ".avi", ".mov", ".mkv", ".webm")
 RENDERERS = ("neural", "warp")
@@ -42,6 +46,7 @@ class MouthEvalOptions:
     silence_seconds: float = 3.0
     noise_dbfs: float = -50.0
     seed: int = 0  # the quiet-input noise
+    noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS  # the engine's gate; None = off
 
 
 def mouth_opening(landmarks: np.ndarray) -> float:
@@ -119,8 +124,20 @@ def quiet_inputs(seconds: float, noise_dbfs: float, seed: int) -> dict[str, np.n
     return {"silence": np.zeros(n, np.float32), f"noise{noise_dbfs:g}dBFS": noise.astype(np.float32)}
 
 
+def _score_quiet(engine, aligner: FaceAligner, photo: np.ndarray, quiet: dict[str, np.ndarray],
+                 speech_std: float) -> dict:
+    photo_open = opening_track(aligner, [photo])[0]
+    out = {}
+    for qname, audio in quiet.items():
+        gen = opening_track(aligner, _render(engine, photo, audio))
+        std = float(np.nanstd(gen))
+        out[qname] = {"std": std, "ratio_to_speech_std": std / speech_std if speech_std > 0 else float("nan"),
+                      "mean_offset_from_photo": float(np.nanmean(gen) - photo_open)}
+    return out
+
+
 def _score_renderer(engine, aligner: FaceAligner, clips: list[tuple[str, list, np.ndarray, np.ndarray]],
-                    quiet: dict[str, np.ndarray]) -> dict:
+                    quiet: dict[str, np.ndarray], ungated_engine=None) -> dict:
     per_clip = {}
     for name, frames, audio, real in clips:
         gen = opening_track(aligner, _render(engine, frames[0], audio))
@@ -129,15 +146,11 @@ def _score_renderer(engine, aligner: FaceAligner, clips: list[tuple[str, list, n
     rs = [c["r"] for c in per_clip.values()]
     speech_std = float(np.nanmean([c["gen_std"] for c in per_clip.values()]))
     photo = clips[0][1][0]
-    photo_open = opening_track(aligner, [photo])[0]
-    quiet_res = {}
-    for qname, audio in quiet.items():
-        gen = opening_track(aligner, _render(engine, photo, audio))
-        std = float(np.nanstd(gen))
-        quiet_res[qname] = {"std": std, "ratio_to_speech_std": std / speech_std if speech_std > 0 else float("nan"),
-                            "mean_offset_from_photo": float(np.nanmean(gen) - photo_open)}
-    return {"clips": per_clip, "mean_r": float(np.nanmean(rs)) if np.isfinite(rs).any() else float("nan"),
-            "speech_gen_std": speech_std, "quiet": quiet_res}
+    res = {"clips": per_clip, "mean_r": float(np.nanmean(rs)) if np.isfinite(rs).any() else float("nan"),
+           "speech_gen_std": speech_std, "quiet": _score_quiet(engine, aligner, photo, quiet, speech_std)}
+    if ungated_engine is not None:
+        res["quiet_ungated"] = _score_quiet(ungated_engine, aligner, photo, quiet, speech_std)
+    return res
 
 
 def evaluate_mouth(opts: MouthEvalOptions, progress=print) -> dict:
@@ -152,10 +165,12 @@ def evaluate_mouth(opts: MouthEvalOptions, progress=print) -> dict:
         clips.append((path.stem, frames, audio, opening_track(aligner, frames)))
     quiet = quiet_inputs(opts.silence_seconds, opts.noise_dbfs, opts.seed)
     res: dict = {"model": str(opts.model) if opts.model else "starter", "clips": [c[0] for c in clips],
-                 "renderers": {}}
+                 "noise_gate_dbfs": opts.noise_gate_dbfs, "renderers": {}}
     for renderer in opts.renderers:
-        engine = Engine(opts.model, backend=opts.backend, renderer=renderer, face_aligner=aligner)
-        res["renderers"][renderer] = _score_renderer(engine, aligner, clips, quiet)
+        kw = dict(backend=opts.backend, renderer=renderer, face_aligner=aligner)
+        engine = Engine(opts.model, noise_gate_dbfs=opts.noise_gate_dbfs, **kw)
+        ungated = Engine(opts.model, noise_gate_dbfs=None, **kw) if opts.noise_gate_dbfs is not None else None
+        res["renderers"][renderer] = _score_renderer(engine, aligner, clips, quiet, ungated)
         if progress:
             progress(f"[eval-mouth] {renderer}: mean r {res['renderers'][renderer]['mean_r']:.3f}")
     res["seconds"] = round(time.perf_counter() - t0, 1)
@@ -164,9 +179,15 @@ def evaluate_mouth(opts: MouthEvalOptions, progress=print) -> dict:
 
 def format_table(res: dict) -> str:
     clips = res["clips"]
-    lines = ["renderer | " + " | ".join(clips) + " | mean r | quiet std / speech std"]
+    gate = res.get("noise_gate_dbfs")
+    head = f"quiet std / speech std (noise gate {gate:g} dBFS; ungated)" if gate is not None else \
+        "quiet std / speech std (noise gate off)"
+    lines = ["renderer | " + " | ".join(clips) + f" | mean r | {head}"]
     for name, r in res["renderers"].items():
-        quiet = ", ".join(f"{q} {v['ratio_to_speech_std']:.3f}" for q, v in r["quiet"].items())
+        ung = r.get("quiet_ungated", {})
+        quiet = ", ".join(f"{q} {v['ratio_to_speech_std']:.3f}"
+                          + (f" ({ung[q]['ratio_to_speech_std']:.3f})" if q in ung else "")
+                          for q, v in r["quiet"].items())
         lines.append(f"{name} | " + " | ".join(f"{r['clips'][c]['r']:.3f}" for c in clips)
                      + f" | {r['mean_r']:.3f} | {quiet}")
     return "\n".join(lines)
@@ -180,6 +201,8 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="cpu")
     p.add_argument("--silence-seconds", type=float, default=3.0)
     p.add_argument("--noise-dbfs", type=float, default=-50.0, help="RMS of the quiet white noise re full scale")
+    p.add_argument("--noise-gate", default=str(DEFAULT_THRESHOLD_DBFS), metavar="DBFS|off",
+                   help="the engine's noise gate (default %(default)s, as avatar-stream); 'off' to score the bare model")
     p.add_argument("--json", type=Path, help="write the results here")
 
 
@@ -189,7 +212,8 @@ def main_eval_mouth(args) -> int:
     renderers = RENDERERS if args.renderer == "both" else (args.renderer,)
     res = evaluate_mouth(MouthEvalOptions(clips=tuple(args.clips), model=args.model, renderers=renderers,
                                           backend=args.backend, silence_seconds=args.silence_seconds,
-                                          noise_dbfs=args.noise_dbfs))
+                                          noise_dbfs=args.noise_dbfs,
+                                          noise_gate_dbfs=parse_gate(args.noise_gate)))
     print(format_table(res))
     if args.json:
         write_json(args.json, res)

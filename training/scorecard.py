@@ -84,8 +84,13 @@ def headline(res: dict) -> dict[str, float | None]:
            "generated_au_f1": res["generator"]["au_f1"]}
     for name, r in (res.get("mouth") or {}).get("renderers", {}).items():
         out[f"mouth_r_{name}"] = r["mean_r"]
-        for q, v in r["quiet"].items():
+        # quiet_*: the model's own behaviour (gate off); gated_quiet_*: what avatar-stream shows.
+        ungated = r.get("quiet_ungated", r["quiet"])
+        for q, v in ungated.items():
             out[f"quiet_{q}_{name}"] = v["ratio_to_speech_std"]
+        if "quiet_ungated" in r:
+            for q, v in r["quiet"].items():
+                out[f"gated_quiet_{q}_{name}"] = v["ratio_to_speech_std"]
     return out
 
 
