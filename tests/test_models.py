@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -318,3 +319,50 @@ def test_full_model_overfits_a_tiny_clip(astronaut):
     print(f"\n[overfit] start {start:.4f} -> {loss:.4f} ({loss / start:.1%}) in {steps} steps, {secs:.1f} s")
     assert loss < 0.3 * start, f"loss only fell to {loss / start:.1%} of its start in {max_steps} steps"
     assert set(parts) == {"rec", "id", "au", "total"}
+
+
+def test_au_classifier_with_reference_image():
+    """au_clf_reference: 6 input channels (frame lower half + identity lower half), one
+    identity per clip broadcast over its frames; the paper's 3-channel classifier refuses them."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.tiny(au_clf_reference=True)
+    clf = AUClassifier(cfg).eval()
+    frames, ident = torch.rand(2, 4, 3, 112, 112), torch.rand(2, 3, 112, 112)
+    x = clf.inputs(frames, ident)
+    assert x.shape == (8, 6, 56, 112)
+    assert torch.equal(x[:4, 3:], ident[0, :, 56:].expand(4, -1, -1, -1))
+    assert torch.equal(x[4:, 3:], ident[1, :, 56:].expand(4, -1, -1, -1))
+    assert torch.equal(x[5, :3], frames[1, 1, :, 56:])
+    assert clf(x).shape == (8, 5)
+    one = clf.inputs(frames[0], ident[:1])  # a clip's frames and its identity
+    assert torch.equal(one, x[:4])
+    with pytest.raises(ValueError, match="identity image"):
+        clf.inputs(frames)
+    with pytest.raises(ValueError, match="6"):
+        clf(x[:, :3])
+    paper = AUClassifier(ModelConfig.tiny())
+    assert paper.in_channels == 3 and torch.equal(paper.inputs(frames, ident), paper.lower_half(frames))
+
+
+def test_generator_objective_feeds_the_reference_classifier():
+    """L_au in ``train`` with a reference classifier: each generated frame is judged against
+    its own clip's identity image (a wrong pairing changes the loss)."""
+    from avatar_stream.training.stages import GeneratorObjective
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.tiny(w_per=0.0, au_clf_reference=True)
+    model, clf = TalkingHead(cfg).eval(), AUClassifier(cfg).eval()
+    obj = GeneratorObjective(model, TotalLoss(dataclasses.replace(cfg, w_au=0.0)), clf, None, 1.0)
+    r, t = cfg.lookahead_frames, 3
+    ident = torch.rand(2, 3, 112, 112)
+    mfcc, frames = torch.randn(2, t + 2 * r, 12, 28), torch.rand(2, t, 3, 112, 112)
+    au = torch.rand(2, t, 5)
+    label = (au > 0.5).float()
+    with torch.no_grad():
+        parts, pred = obj(ident, mfcc, frames, au, label)
+        logits = clf(clf.inputs(pred, ident))
+        from avatar_stream.training.losses import au_loss
+
+        assert torch.allclose(parts["au"], au_loss(logits, label.reshape(-1, 5), obj.au_w))
+        swapped = clf(torch.cat([clf.lower_half(pred), clf.lower_half(ident.flip(0)).repeat_interleave(t, 0)], 1))
+        assert not torch.allclose(parts["au"], au_loss(swapped, label.reshape(-1, 5), obj.au_w))

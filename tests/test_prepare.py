@@ -142,6 +142,16 @@ def test_frame_datasets_use_labelled_clips_only(tmp_path):
         np.testing.assert_array_equal(lab[:, 1].numpy(), [1.0 if v % 2 == 0 else 0.0 for v in seen[-4:]])
         np.testing.assert_array_equal(valid[:, 0].numpy(), [0.0 if v == 9 else 1.0 for v in seen[-4:]])
     assert set(seen) == set(range(10))  # every frame once per epoch (two wrap around)
+    ref = AUFrameDataset(tmp_path, "train", per_item=4, reference=True)
+    lower, lab, _ = ref[0]
+    assert lower.shape == (4, 6, 56, 112)
+    assert torch.equal(lower[:, :3], ds[0][0]) and torch.equal(lab, ds[0][1])
+    assert torch.equal(lower[0, 3:], torch.from_numpy(ident[56:]).permute(2, 0, 1).float() / 255)
+    jit = AUFrameDataset(tmp_path, "train", per_item=4, reference=True, jitter=True)
+    torch.manual_seed(0)
+    x = jit[0][0]
+    assert x.shape == (4, 6, 56, 112) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert not torch.equal(x, lower)
     a = AudioAUDataset(tmp_path, "train", per_item=4)
     x, lab, valid = a[0]
     assert x.shape == (4, 12, 28)

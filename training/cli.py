@@ -129,7 +129,8 @@ def cmd_pretrain_au_classifier(args) -> int:
     from .stages import PretrainOptions, pretrain_au_classifier
 
     return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr,
-                                                                    balance=args.balance))
+                                                                    balance=args.balance,
+                                                                    augment_images=args.augment_images))
 
 
 def cmd_train(args) -> int:
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight positive labels by (1 - r) / r per AU (r = training occurrence rate)")
         if name == "pretrain-au":
             s.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
+        else:
+            s.add_argument("--augment-images", action="store_true",
+                           help="random horizontal flip and colour jitter of the training crops")
         s.set_defaults(func=func)
 
     t = sub.add_parser("train", help="train the full model")

@@ -63,6 +63,11 @@ class ModelConfig:
     # (losses.MOUTH_BOX), for short CPU runs where the full-frame L_rec is dominated by
     # copying the identity and the mouth learns late.
     w_mouth: float = 0.0
+    # Not in the paper (False = the paper's classifier): the AU classifier also sees the lower
+    # half of the identity (neutral) image, 6 input channels, and so judges the change from
+    # that face instead of guessing each unseen face's neutral mouth. Only the classifier
+    # reads it; the generator and its exported graphs are the same either way.
+    au_clf_reference: bool = False
 
     def __post_init__(self) -> None:
         # JSON gives lists; the dataclass is frozen and hashable, so store a tuple.

@@ -430,17 +430,36 @@ class _FrameChunks(Dataset):
 
 
 class AUFrameDataset(_FrameChunks):
-    """AU classifier samples: item = (lower half crops (k, 3, 56, 112) float [0, 1],
-    au_label (k, 5), valid (k, 5)) for k = ``per_item`` frames of one clip."""
+    """AU classifier samples: item = (lower half crops (k, C, 56, 112) float [0, 1],
+    au_label (k, 5), valid (k, 5)) for k = ``per_item`` frames of one clip. C = 3, or 6 with
+    ``reference`` (the clip's identity image's lower half stacked on each frame's, as
+    ``AUClassifier.inputs`` builds it). ``jitter`` (training): one random horizontal flip,
+    per-channel gain 0.8-1.2 and offset +-0.06 per item, the same for the frames and the
+    reference (a different face colour, not a different expression)."""
 
-    def __init__(self, root, split: str, per_item: int = 8):
+    def __init__(self, root, split: str, per_item: int = 8, reference: bool = False, jitter: bool = False):
         super().__init__(root, split, per_item)
+        self.reference = reference
+        self.jitter = jitter
 
     def __getitem__(self, i: int):
         ci, j = self.items[i]
         idx = self._frames(ci, j)
         frames = load_frames(self.root, self.entries[ci], idx)
         lower = _to_chw(frames[:, CROP // 2 :])
+        if self.reference:
+            ident = load_clip(self.root, self.entries[ci], ("identity",))["identity"]
+            ref = _to_chw(ident[CROP // 2 :])
+            lower = torch.cat([lower, ref.expand(len(lower), -1, -1, -1)], dim=1)
+        if self.jitter:
+            g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+            if torch.rand((), generator=g) < 0.5:
+                lower = lower.flip(-1)
+            c = lower.shape[1]
+            gain = 0.8 + 0.4 * torch.rand(3, generator=g)
+            bias = 0.12 * torch.rand(3, generator=g) - 0.06
+            gain, bias = gain.repeat(c // 3), bias.repeat(c // 3)
+            lower = (lower * gain[:, None, None] + bias[:, None, None]).clamp(0.0, 1.0)
         return (lower, *self.labels(ci, idx))
 
 

@@ -112,8 +112,9 @@ def evaluate(opts: EvalOptions) -> dict:
             acc.psnr += list(psnr(pred, s.frames))
             acc.ssim += list(ssim(pred, s.frames))
             if clf is not None:
-                acc.gen_p.append(torch.sigmoid(clf(clf.lower_half(pred.to(dev)))).cpu().numpy())
-                acc.real_p.append(torch.sigmoid(clf(clf.lower_half(s.frames.to(dev)))).cpu().numpy())
+                ident = s.identity[None].to(dev)
+                acc.gen_p.append(torch.sigmoid(clf(clf.inputs(pred.to(dev), ident))).cpu().numpy())
+                acc.real_p.append(torch.sigmoid(clf(clf.inputs(s.frames.to(dev), ident))).cpu().numpy())
                 acc.labels.append(s.au_label.numpy())
                 acc.valid.append(np.isfinite(s.au.numpy()))
             if fm is not None:

@@ -47,6 +47,7 @@ class PretrainOptions:
     # Weight positives by (1 - r) / r per AU (r = training-split occurrence rate): rare AUs
     # are otherwise learned last, and F1 at threshold 0.5 stays near 0 for them meanwhile.
     balance: bool = False
+    augment_images: bool = False  # pretrain-au-classifier: flip + colour jitter (AUFrameDataset)
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,9 @@ def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info
 def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
     """Pretrain the AU classifier on (lower-half crop, AU occurrence) pairs."""
     seed_everything(loop.seed)
-    train = AUFrameDataset(opts.data, "train", opts.frames_per_item)
-    val = AUFrameDataset(opts.data, "test", opts.frames_per_item) if _has_val(opts.data) else None
+    ref = cfg.au_clf_reference
+    train = AUFrameDataset(opts.data, "train", opts.frames_per_item, reference=ref, jitter=opts.augment_images)
+    val = AUFrameDataset(opts.data, "test", opts.frames_per_item, reference=ref) if _has_val(opts.data) else None
     clf = AUClassifier(cfg)
     task = _pretrain_task("pretrain-au-classifier", cfg, _ClassifierOnLower(clf), {"au_classifier": clf},
                           train, val, opts, info)
@@ -204,7 +206,7 @@ class GeneratorObjective(nn.Module):
         pred = self.model(identity, mfcc)
         parts = dict(self.loss(pred, frames, identity))
         if self.au_clf is not None:
-            logits = self.au_clf(self.au_clf.lower_half(pred))
+            logits = self.au_clf(self.au_clf.inputs(pred, identity))
             y = au_label.reshape(-1, au_label.shape[-1])
             valid = torch.isfinite(au).reshape(-1, au.shape[-1]).all(-1)
             # A batch without labels still touches the classifier (zero loss) so that every

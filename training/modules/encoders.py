@@ -117,8 +117,10 @@ class Audio2AU(nn.Module):
 
 class AUClassifier(nn.Module):
     """AU classifier on the lower half face (paper §3.1): 4 conv + ReLU with a max-pool after
-    every 2, then 3 FC. ``forward(lower (B, 3, S/2, S) in [0, 1]) -> (B, n_au)`` logits
-    (sigmoid -> probabilities); ``lower_half(frames)`` cuts that input from full frames."""
+    every 2, then 3 FC. ``forward(lower (B, C, S/2, S) in [0, 1]) -> (B, n_au)`` logits
+    (sigmoid -> probabilities). C = 3 (the paper), or 6 with ``cfg.au_clf_reference``: the
+    frame's lower half stacked with the identity image's. Build the input with
+    ``inputs(frames, identity)``; ``lower_half(frames)`` cuts the lower half of full frames."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -127,7 +129,9 @@ class AUClassifier(nn.Module):
         def conv(ci: int, co: int) -> list[nn.Module]:
             return [nn.Conv2d(ci, co, 3, 1, 1), nn.ReLU()]
 
-        self.convs = nn.Sequential(*conv(3, c1), *conv(c1, c1), nn.MaxPool2d(2),
+        self.reference = cfg.au_clf_reference
+        self.in_channels = 6 if self.reference else 3
+        self.convs = nn.Sequential(*conv(self.in_channels, c1), *conv(c1, c1), nn.MaxPool2d(2),
                                    *conv(c1, c2), *conv(c2, c2), nn.MaxPool2d(2))
         h, w = cfg.image_size // 8, cfg.image_size // 4  # 56 x 112 -> 14 x 28
         self.fc = nn.Sequential(nn.Linear(c2 * h * w, cfg.ch(256)), nn.ReLU(),
@@ -140,5 +144,26 @@ class AUClassifier(nn.Module):
         s = self.image_size
         return frames[..., s // 2 :, :].reshape(-1, 3, s // 2, s)
 
+    def inputs(self, frames: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        """Classifier input for ``frames (..., 3, S, S)``: their lower halves ``(N, 3, S/2, S)``,
+        with the reference, stacked with the lower half of ``identity`` (``(3, S, S)`` for all
+        frames, or one per frame with the same leading dims as ``frames``): ``(N, 6, S/2, S)``."""
+        lower = self.lower_half(frames)
+        if not self.reference:
+            return lower
+        if identity is None:
+            raise ValueError("this AU classifier was trained with the identity image as reference "
+                             "(au_clf_reference): pass the identity image too")
+        ref = self.lower_half(identity)
+        if ref.shape[0] == 1:
+            ref = ref.expand(lower.shape[0], -1, -1, -1)
+        elif ref.shape[0] != lower.shape[0]:
+            # one identity per clip: (B, 3, S, S) for frames (B, T, 3, S, S)
+            ref = ref.repeat_interleave(lower.shape[0] // ref.shape[0], dim=0)
+        return torch.cat([lower, ref], dim=1)
+
     def forward(self, lower: torch.Tensor) -> torch.Tensor:
+        if lower.shape[1] != self.in_channels:
+            raise ValueError(f"AU classifier input has {lower.shape[1]} channels, expected {self.in_channels}: "
+                             f"build it with inputs(frames, identity)")
         return self.fc(self.convs(lower * 2.0 - 1.0).flatten(1))  # (B, n_au) logits
