@@ -366,3 +366,29 @@ def test_generator_objective_feeds_the_reference_classifier():
         assert torch.allclose(parts["au"], au_loss(logits, label.reshape(-1, 5), obj.au_w))
         swapped = clf(torch.cat([clf.lower_half(pred), clf.lower_half(ident.flip(0)).repeat_interleave(t, 0)], 1))
         assert not torch.allclose(parts["au"], au_loss(swapped, label.reshape(-1, 5), obj.au_w))
+
+
+def test_train_init_with_a_new_audio2au(tmp_path, capsys):
+    """``train --init CKPT --audio2au AU``: the generator starts from CKPT and its Audio2AU is
+    replaced by the pretrained one (it used to be silently ignored); --init alone keeps CKPT's."""
+    from avatar_stream.training.checkpoint import save_checkpoint
+    from avatar_stream.training.ddp import DistInfo
+    from avatar_stream.training.stages import TrainOptions, _train_parts
+
+    cfg = ModelConfig.tiny(w_per=0.0, w_au=0.0)
+    torch.manual_seed(0)
+    base, other = TalkingHead(cfg), TalkingHead(cfg)
+    save_checkpoint(tmp_path / "init", {"generator": base.state_dict()}, cfg)
+    save_checkpoint(tmp_path / "au", {"audio2au": other.audio2au.state_dict()}, cfg)
+    info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    both = TrainOptions(data=tmp_path, init=tmp_path / "init.safetensors", audio2au=tmp_path / "au.safetensors")
+    model, _, groups, _ = _train_parts(cfg, both, info)
+    assert all(torch.equal(a, b) for a, b in zip(model.audio2au.state_dict().values(),
+                                                  other.audio2au.state_dict().values(), strict=True))
+    ref = base.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if not k.startswith("audio2au."))
+    assert [g["name"] for g in groups] == ["generator", "audio2au"] and groups[1]["lr"] == both.lr_audio2au
+    only = TrainOptions(data=tmp_path, init=tmp_path / "init.safetensors")
+    model, _, _, _ = _train_parts(cfg, only, info)
+    assert all(torch.equal(a, b) for a, b in zip(model.audio2au.state_dict().values(),
+                                                  base.audio2au.state_dict().values(), strict=True))

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
     t.add_argument("--noise-floor", type=float, default=0.0, metavar="P",
                    help="with --augment-speech: probability of an absolute -75..-40 dBFS noise floor per clip")
-    t.add_argument("--init", type=Path, help="start the generator from this train checkpoint (new run, fresh optimizer)")
+    t.add_argument("--init", type=Path, help="start the generator from this train checkpoint (new run, fresh optimizer; "
+                   "with --audio2au, that pretrained Audio2AU replaces the checkpoint's)")
     vgg = t.add_mutually_exclusive_group()
     vgg.add_argument("--vgg-weights", type=Path, help="torchvision VGG-19 ImageNet weights (vgg19-dcbb9e9d.pth)")
     vgg.add_argument("--no-vgg", action="store_true", help="train without L_per")

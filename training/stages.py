@@ -234,7 +234,8 @@ def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
         for m in model.audio2au:
             m.head.requires_grad_(False)  # the last FC is removed after pretraining (paper §3.1)
         a2a = [p for p in model.audio2au.parameters() if p.requires_grad]
-        if opts.audio2au is not None and opts.init is None:
+        if opts.audio2au is not None:
+            # after --init: the pretrained Audio2AU replaces the one in the init checkpoint
             load_pretrained(opts.audio2au, "audio2au", model.audio2au)
         if opts.audio2au is not None or opts.init is not None:
             groups.append({"params": a2a, "lr": opts.lr_audio2au, "name": "audio2au"})
