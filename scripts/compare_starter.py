@@ -6,8 +6,8 @@
 
 Both models are scored on the same corpus test split and the same real clips
 (``training.scorecard.score``). Exit status 0: the candidate beats the shipped weights
-(``scorecard.beats``: higher real-speech mouth r with the neural renderer, no regression
-past tolerance elsewhere) and may replace pkg/starter; 1: it does not (the reasons are
+(``scorecard.beats``: no figure regresses past its tolerance and at least one improves by
+its margin) and may replace pkg/starter; 1: it does not (the reasons are
 printed); 2: bad input. ``--no-shipped`` scores the candidate alone (exit 0). Commit new starter weights only on exit status 0.
 """
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if "shipped" not in res:
         return 0
     ok, why = beats(res["candidate"], res["shipped"])
-    print("verdict: the candidate beats the shipped starter" if ok else "verdict: keep the shipped starter: "
+    print(("verdict: the candidate beats the shipped starter: " if ok else "verdict: keep the shipped starter: ")
           + "; ".join(why))
     return 0 if ok else 1
 

@@ -27,20 +27,29 @@ def test_headline_is_flat():
     assert h["quiet_silence_neural"] == 0.05 and h["psnr"] == 25.0 and h["classifier_f1"] == 0.8
 
 
-def test_beats_needs_a_higher_mouth_r_and_no_regression():
+def test_beats_needs_an_improvement_and_no_regression():
     shipped = _res()
-    assert beats(_res(r_neural=0.6), shipped)[0]
-    ok, why = beats(_res(r_neural=0.5), shipped)
-    assert not ok and "mouth r" in why[0]
+    ok, why = beats(_res(r_neural=0.6), shipped)
+    assert ok and "mouth_r_neural 0.500 -> 0.600" in why[0]
+    ok, why = beats(_res(), shipped)
+    assert not ok and why == ["no figure improves by its margin"]
+    # mouth r within 0.01 of the shipped one is no regression when something else improves
+    assert beats(_res(r_neural=0.497, psnr=25.8), shipped)[0]
+    ok, why = beats(_res(r_neural=0.48, psnr=25.8), shipped)
+    assert not ok and "mouth_r_neural" in why[0]
     assert not beats(_res(r_neural=0.6, psnr=24.0), shipped)[0]
     assert beats(_res(r_neural=0.6, psnr=24.6), shipped)[0]
     assert not beats(_res(r_neural=0.6, f1=0.75), shipped)[0]
+    assert beats(_res(f1=0.85), shipped)[0]
     assert not beats(_res(r_neural=0.6, quiet=0.2), shipped)[0]
-    # The shipped model already above the target: a candidate may not get worse on quiet input.
+    # The shipped model already above the target: a candidate may not get worse on quiet input,
+    # and getting better there counts.
     noisy_shipped = _res(quiet=0.20)
     assert beats(_res(r_neural=0.6, quiet=0.21), noisy_shipped)[0]
     ok, why = beats(_res(r_neural=0.6, quiet=0.26), noisy_shipped)
     assert not ok and "worse than the shipped" in why[0]
+    ok, why = beats(_res(quiet=0.13), noisy_shipped)
+    assert ok and why == ["quiet_silence_neural 0.200 -> 0.130"]
     assert beats(_res(r_neural=0.6), {**shipped, "mouth": None})[0] is False  # nothing to beat: NaN
 
 
