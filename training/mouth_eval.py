@@ -124,9 +124,8 @@ def quiet_inputs(seconds: float, noise_dbfs: float, seed: int) -> dict[str, np.n
     return {"silence": np.zeros(n, np.float32), f"noise{noise_dbfs:g}dBFS": noise.astype(np.float32)}
 
 
-def _score_quiet(engine, aligner: FaceAligner, photo: np.ndarray, quiet: dict[str, np.ndarray],
-                 speech_std: float) -> dict:
-    photo_open = opening_track(aligner, [photo])[0]
+def _score_quiet(engine, aligner: FaceAligner, photo: np.ndarray, photo_open: float,
+                 quiet: dict[str, np.ndarray], speech_std: float) -> dict:
     out = {}
     for qname, audio in quiet.items():
         gen = opening_track(aligner, _render(engine, photo, audio))
@@ -146,10 +145,12 @@ def _score_renderer(engine, aligner: FaceAligner, clips: list[tuple[str, list, n
     rs = [c["r"] for c in per_clip.values()]
     speech_std = float(np.nanmean([c["gen_std"] for c in per_clip.values()]))
     photo = clips[0][1][0]
+    photo_open = opening_track(aligner, [photo])[0]
     res = {"clips": per_clip, "mean_r": float(np.nanmean(rs)) if np.isfinite(rs).any() else float("nan"),
-           "speech_gen_std": speech_std, "quiet": _score_quiet(engine, aligner, photo, quiet, speech_std)}
+           "speech_gen_std": speech_std,
+           "quiet": _score_quiet(engine, aligner, photo, photo_open, quiet, speech_std)}
     if ungated_engine is not None:
-        res["quiet_ungated"] = _score_quiet(ungated_engine, aligner, photo, quiet, speech_std)
+        res["quiet_ungated"] = _score_quiet(ungated_engine, aligner, photo, photo_open, quiet, speech_std)
     return res
 
 

@@ -147,7 +147,7 @@ class AUClassifier(nn.Module):
     def inputs(self, frames: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
         """Classifier input for ``frames (..., 3, S, S)``: their lower halves ``(N, 3, S/2, S)``,
         with the reference, stacked with the lower half of ``identity`` (``(3, S, S)`` for all
-        frames, or one per frame with the same leading dims as ``frames``): ``(N, 6, S/2, S)``."""
+        frames, or ``(B, 3, S, S)``, one per clip of frames ``(B, T, 3, S, S)``): ``(N, 6, S/2, S)``."""
         lower = self.lower_half(frames)
         if not self.reference:
             return lower
@@ -155,11 +155,8 @@ class AUClassifier(nn.Module):
             raise ValueError("this AU classifier was trained with the identity image as reference "
                              "(au_clf_reference): pass the identity image too")
         ref = self.lower_half(identity)
-        if ref.shape[0] == 1:
-            ref = ref.expand(lower.shape[0], -1, -1, -1)
-        elif ref.shape[0] != lower.shape[0]:
-            # one identity per clip: (B, 3, S, S) for frames (B, T, 3, S, S)
-            ref = ref.repeat_interleave(lower.shape[0] // ref.shape[0], dim=0)
+        # one identity per clip: each repeated for its clip's frames (frames (B, T, ...), identity (B, ...))
+        ref = ref.repeat_interleave(lower.shape[0] // ref.shape[0], dim=0)
         return torch.cat([lower, ref], dim=1)
 
     def forward(self, lower: torch.Tensor) -> torch.Tensor:
