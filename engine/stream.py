@@ -66,12 +66,19 @@ class FaceContext:
     warp: object | None = None
 
 
+# Warp intensity at AU probability 1, AU_NAMES order: for AU10/14/20 the strongest target the
+# phoneme table (training/au_table.py) gives them ("ee" spreads the lips by AU20 0.70), so a
+# certain AU renders as the corpus shows that phoneme; AU25/26 keep the full range.
+WARP_DRIVE = np.array([0.45, 0.35, 0.70, 1.0, 1.0], dtype=np.float32)
+
+
 def smoothed_au(window_au: np.ndarray) -> np.ndarray:
     """AU drive for the warp renderer: the Audio2AU probabilities of frames k-R..k+R
-    averaged with a Hann window centred on k. Per-frame probabilities flicker; the window
-    is the same one the TCSAN sees, so streaming still equals offline exactly."""
+    averaged with a Hann window centred on k, times ``WARP_DRIVE``. Per-frame probabilities
+    flicker; the window is the same one the TCSAN sees, so streaming still equals offline
+    exactly."""
     w = np.hanning(window_au.shape[0] + 2)[1:-1].astype(np.float32)
-    return (w[:, None] * window_au).sum(0) / w.sum()
+    return WARP_DRIVE * (w[:, None] * window_au).sum(0) / w.sum()
 
 
 @dataclass

