@@ -382,10 +382,9 @@ def test_recognised_words_label_real_speech_better_than_the_phone_loop(shared_da
     for path, text in items:
         audio = load_audio(path, align_to_video=False)
         n = len(audio) // SAMPLES_PER_FRAME
-        labels = lambda phones: au_table.occurrence(au_table.au_tracks(phones, n, alphabet="arpabet")).astype(bool)  # noqa: E731
-        ref.append(labels(align.force_align(audio, text)))
-        loop.append(labels(align.recognize_phones(audio)))
-        heard.append(labels(align.force_align(audio, align.recognize_words(audio))))
+        for out, phones in ((ref, align.force_align(audio, text)), (loop, align.recognize_phones(audio)),
+                            (heard, align.force_align(audio, align.recognize_words(audio)))):
+            out.append(au_table.occurrence(au_table.au_tracks(phones, n, alphabet="arpabet")).astype(bool))
 
     def f1(got, want):
         tp, fp, fn = (got & want).sum(0), (got & ~want).sum(0), (~got & want).sum(0)
