@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import load_checkpoint
 from avatar_stream.training.cli import main
@@ -92,6 +93,33 @@ def test_stages_then_eval(corpus, tmp_path, capsys):
     for key in ("au_generated", "au_real"):
         assert res[key]["per_au"]["AU10"]["frames"] == 2 * (FRAMES - 1)  # the unlabelled frames are out
         assert 0 <= res[key]["mean_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("stage,module", [("pretrain-au", "audio2au"), ("pretrain-au-classifier", "au_classifier")])
+def test_pretrain_init_starts_a_new_run_from_a_checkpoint(corpus, tmp_path, capsys, stage, module):
+    """``pretrain-* --init CKPT``: the weights start as CKPT's, the step count and the best
+    validation loss start afresh (a corpus change makes the old best loss meaningless)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["--data", str(corpus), "--batch", "2", *MODEL, *FAST]
+    assert main([stage, *base, "--out", str(first), "--steps", "2"]) == 0
+    _, before, _ = load_checkpoint(first / "last")
+    # --lr 0: the second run's weights (not the batch-norm statistics) stay exactly the init's.
+    assert main([stage, *base, "--out", str(second), "--steps", "1", "--lr", "0",
+                 "--init", str(first / "last.safetensors")]) == 0
+    _, after, extra = load_checkpoint(second / "last")
+    assert extra["loop"]["step"] == 1 and extra["init"] == str(first / "last.safetensors")
+    weights = [k for k in after[module] if "running_" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(after[module][k], before[module][k]) for k in weights)
+    assert (second / "best.safetensors").exists()
+    wrong = "audio2au" if module == "au_classifier" else "au_classifier"
+    other = tmp_path / wrong
+    assert main([{"audio2au": "pretrain-au", "au_classifier": "pretrain-au-classifier"}[wrong], *base,
+                 "--out", str(other), "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main([stage, *base, "--out", str(tmp_path / "bad"), "--steps", "1",
+                 "--init", str(other / "last.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"not {module!r}" in err[0]
 
 
 def test_resume_mid_epoch_gives_the_same_next_losses(corpus, tmp_path):

@@ -122,7 +122,7 @@ def cmd_pretrain_au(args) -> int:
     from .stages import PretrainOptions, pretrain_au
 
     return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr, balance=args.balance,
-                                                         augment_speech=args.augment_speech))
+                                                         augment_speech=args.augment_speech, init=args.init))
 
 
 def cmd_pretrain_au_classifier(args) -> int:
@@ -130,7 +130,8 @@ def cmd_pretrain_au_classifier(args) -> int:
 
     return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr,
                                                                     balance=args.balance,
-                                                                    augment_images=args.augment_images))
+                                                                    augment_images=args.augment_images,
+                                                                    init=args.init))
 
 
 def cmd_train(args) -> int:
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--lr", type=float, default=1e-3)
         s.add_argument("--balance", action="store_true",
                        help="weight positive labels by (1 - r) / r per AU (r = training occurrence rate)")
+        s.add_argument("--init", type=Path, help=f"start from this {name} checkpoint's weights (new run, fresh "
+                                                 "optimizer and step count; e.g. after the corpus changed)")
         if name == "pretrain-au":
             s.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
         else:

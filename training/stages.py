@@ -48,6 +48,7 @@ class PretrainOptions:
     # are otherwise learned last, and F1 at threshold 0.5 stays near 0 for them meanwhile.
     balance: bool = False
     augment_images: bool = False  # pretrain-au-classifier: flip + colour jitter (AUFrameDataset)
+    init: Path | None = None  # start from this stage checkpoint's weights (new run, fresh optimizer)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
 
     return Task(name, cfg, train_set, val_set, opt, saved, step, validate,
                 extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech,
-                       "balance": opts.balance})
+                       "balance": opts.balance, "init": str(opts.init) if opts.init else None})
 
 
 def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
@@ -158,6 +159,8 @@ def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info
                            augment=SpeechAugment() if opts.augment_speech else None)
     val = AudioAUDataset(opts.data, "test", opts.frames_per_item) if _has_val(opts.data) else None
     net = AUHeads(cfg)
+    if opts.init is not None:
+        load_pretrained(opts.init, "audio2au", net.audio2au)
     task = _pretrain_task("pretrain-au", cfg, net, {"audio2au": net.audio2au}, train, val, opts, info)
     return run(task, loop, info)
 
@@ -169,6 +172,8 @@ def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOp
     train = AUFrameDataset(opts.data, "train", opts.frames_per_item, reference=ref, jitter=opts.augment_images)
     val = AUFrameDataset(opts.data, "test", opts.frames_per_item, reference=ref) if _has_val(opts.data) else None
     clf = AUClassifier(cfg)
+    if opts.init is not None:
+        load_pretrained(opts.init, "au_classifier", clf)
     task = _pretrain_task("pretrain-au-classifier", cfg, _ClassifierOnLower(clf), {"au_classifier": clf},
                           train, val, opts, info)
     return run(task, loop, info)
