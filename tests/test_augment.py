@@ -87,3 +87,44 @@ def test_datasets_augment_is_seeded_and_changes_only_mfcc(tmp_path):
     assert clip_aug.mfcc.shape == clip_plain.mfcc.shape
     assert (clip_aug.mfcc - clip_plain.mfcc).abs().max() > 1e-3
     torch.testing.assert_close(clip_aug.frames, clip_plain.frames, rtol=0, atol=0)
+
+
+def _vowel(n: int, formant_hz: float) -> np.ndarray:
+    """White noise through one resonance at ``formant_hz``: a whispered one-formant vowel
+    (noise, not a pulse train, so the envelope's peak is not quantised to harmonics)."""
+    from scipy.signal import lfilter
+
+    pulses = np.random.default_rng(0).standard_normal(n)
+    r, theta = 0.97, 2 * np.pi * formant_hz / 16000
+    y = lfilter([1.0], [1.0, -2 * r * np.cos(theta), r * r], pulses)
+    return (0.3 * y / np.abs(y).max()).astype(np.float32)
+
+
+def _envelope_peak_hz(x: np.ndarray) -> float:
+    from scipy.signal import welch
+
+    f, p = welch(x, fs=16000, nperseg=1024)
+    env = np.convolve(p, np.ones(9) / 9, mode="same")  # smooth over the harmonics (~140 Hz)
+    band = (f > 200) & (f < 2000)
+    return float(f[band][np.argmax(env[band])])
+
+
+def test_vtlp_moves_the_formant_keeps_timing_and_level():
+    from avatar_stream.training.augment import vtlp
+
+    x = np.zeros(24000, np.float32)
+    x[4000:20000] = _vowel(16000, 700.0)
+    assert abs(_envelope_peak_hz(x) - 700) < 40
+    for alpha in (0.85, 1.15):
+        y = vtlp(x, alpha)
+        assert y.shape == x.shape
+        assert abs(_envelope_peak_hz(y) - 700 * alpha) < 45, (alpha, _envelope_peak_hz(y))
+        np.testing.assert_allclose(np.sqrt(np.mean(y**2)), np.sqrt(np.mean(x.astype(np.float64) ** 2)), rtol=1e-6)
+        # Timing: the silence before and after the vowel stays (nearly) silent.
+        assert np.abs(y[:3500]).max() < 0.02 and np.abs(y[20500:]).max() < 0.02
+    np.testing.assert_array_equal(vtlp(x, 1.0), x)
+    # In augment_speech: off by default (rng stream unchanged), on with p_vtlp.
+    np.testing.assert_array_equal(augment_speech(x, np.random.default_rng(4)),
+                                  augment_speech(x, np.random.default_rng(4), SpeechAugment(p_vtlp=0.0)))
+    only = SpeechAugment(p_noise=0.0, p_reverb=0.0, p_gain=0.0, p_vtlp=1.0, vtlp_alpha=(1.15, 1.15))
+    assert abs(_envelope_peak_hz(augment_speech(x, np.random.default_rng(0), only)) - 805) < 45

@@ -49,3 +49,20 @@ def test_cli_passes_the_new_flags_to_the_stage_options(monkeypatch, tmp_path):
     assert seen["pretrain-au"].augment_speech and seen["pretrain-au"].balance
     assert seen["pretrain-au-classifier"].balance and not seen["pretrain-au-classifier"].augment_speech
     assert seen["train"].augment_speech and str(seen["train"].init) == "x.safetensors"
+
+
+def test_cli_vtlp_reaches_the_speech_augmentation(monkeypatch, tmp_path, capsys):
+    from avatar_stream.training import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_stage", lambda args, fn, opts: seen.setdefault(args.command, opts) and 0)
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    cli.main(["pretrain-au", *base, "--augment-speech", "--vtlp", "0.5", "--init", "au.safetensors"])
+    cli.main(["train", *base, "--augment-speech", "--vtlp", "0.3", "--no-vgg"])
+    assert seen["pretrain-au"].vtlp == 0.5 and str(seen["pretrain-au"].init) == "au.safetensors"
+    assert seen["train"].vtlp == 0.3
+    capsys.readouterr()
+    for bad, why in ((["--vtlp", "0.5"], "only with --augment-speech"), (["--augment-speech", "--vtlp", "2"], "probability")):
+        assert cli.main(["pretrain-au", *base, *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err

@@ -38,6 +38,11 @@ class SpeechAugment:
     gain_db: tuple[float, float] = (-24.0, 6.0)
     p_floor: float = 0.0  # absolute noise floor; 0 keeps the paper-setting augmentation unchanged
     floor_dbfs: tuple[float, float] = (-75.0, -40.0)  # floor RMS re full scale, after the level change
+    # Vocal tract length perturbation (Jaitly & Hinton 2013): the spectrum's frequency axis
+    # scaled by alpha, timing untouched, so the AU labels stay valid; another speaker's
+    # formants from the same utterance. 0 keeps the paper-setting augmentation unchanged.
+    p_vtlp: float = 0.0
+    vtlp_alpha: tuple[float, float] = (0.85, 1.15)
 
 
 def _pink(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -68,9 +73,47 @@ def _reverb(audio: np.ndarray, rt60: float, wet: float, rng: np.random.Generator
     return np.sqrt(1.0 - wet) * audio + np.sqrt(wet) * tail
 
 
+VTLP_NPERSEG, VTLP_HOP = 512, 128  # 32 ms windows, 8 ms hop
+VTLP_BOUNDARY_HZ = 4800.0  # frequencies below f0 = 4800 * min(alpha, 1) / alpha scale by alpha
+
+
+def vtlp(audio: np.ndarray, alpha: float) -> np.ndarray:
+    """``audio`` with its spectral envelope's frequency axis scaled by ``alpha`` (> 1 raises the
+    formants, as a shorter vocal tract does), same length and timing, same RMS.
+
+    Piecewise-linear warp (Jaitly & Hinton 2013): ``f -> alpha f`` up to a boundary, then a
+    straight line to Nyquist so the band stays full. STFT magnitudes are resampled along
+    frequency at the warped positions; each bin keeps its own phase; inverse STFT."""
+    from scipy.signal import istft, stft
+
+    x = np.asarray(audio, dtype=np.float64)
+    if len(x) < VTLP_NPERSEG or alpha == 1.0:
+        return x.copy()
+    _, _, z = stft(x, fs=SAMPLE_RATE, nperseg=VTLP_NPERSEG, noverlap=VTLP_NPERSEG - VTLP_HOP)
+    nyq = SAMPLE_RATE / 2.0
+    f = np.linspace(0.0, nyq, z.shape[0])
+    f0 = VTLP_BOUNDARY_HZ * min(alpha, 1.0) / alpha
+    # Output frequency g takes the input at w^-1(g); w(f) = alpha f below f0, linear above.
+    g0 = alpha * f0
+    src = np.where(f <= g0, f / alpha, f0 + (f - g0) * (nyq - f0) / (nyq - g0))
+    pos = src / (f[1] - f[0])
+    i0 = np.minimum(pos.astype(int), len(f) - 2)
+    w = (pos - i0)[:, None]
+    mag = np.abs(z)
+    warped = mag[i0] * (1.0 - w) + mag[i0 + 1] * w
+    _, y = istft(warped * np.exp(1j * np.angle(z)), fs=SAMPLE_RATE, nperseg=VTLP_NPERSEG,
+                 noverlap=VTLP_NPERSEG - VTLP_HOP)
+    y = np.pad(y, (0, max(0, len(x) - len(y))))[: len(x)]
+    rms_in, rms_out = np.sqrt(np.mean(x**2)), np.sqrt(np.mean(y**2))
+    return y * (rms_in / rms_out) if rms_out > 0 else y
+
+
 def augment_speech(audio: np.ndarray, rng: np.random.Generator, aug: SpeechAugment = SpeechAugment()) -> np.ndarray:
     """``audio`` float32 (N,) 16 kHz -> augmented float32 (N,), clipped to [-1, 1]."""
     x = np.asarray(audio, dtype=np.float64)
+    # Drawn only when enabled, so p_vtlp == 0 leaves the rng stream (and old runs) unchanged.
+    if aug.p_vtlp > 0 and rng.random() < aug.p_vtlp:
+        x = vtlp(x, rng.uniform(*aug.vtlp_alpha))
     if rng.random() < aug.p_reverb:
         x = _reverb(x, rng.uniform(*aug.rt60_s), rng.uniform(*aug.wet), rng)
     if rng.random() < aug.p_noise:
@@ -87,4 +130,4 @@ def augment_speech(audio: np.ndarray, rng: np.random.Generator, aug: SpeechAugme
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
-__all__ = ["SpeechAugment", "augment_speech"]
+__all__ = ["SpeechAugment", "augment_speech", "vtlp"]

@@ -52,6 +52,16 @@ def _loop_args(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
 
 
 _AUG_HELP = "noise, reverberation and level changes on the training speech (training/augment.py)"
+_VTLP_HELP = ("with --augment-speech: probability of a vocal tract length perturbation per training item "
+              "(formants scaled by 0.85-1.15, timing kept: more speakers from the same recordings)")
+
+
+def _check_speech_options(args) -> None:
+    for flag, value in (("--vtlp", args.vtlp), ("--noise-floor", getattr(args, "noise_floor", 0.0))):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} {value} is not a probability: give a value in [0, 1]")
+        if value > 0 and not args.augment_speech:
+            raise ValueError(f"{flag} {value} acts only with --augment-speech: add it, or drop {flag}")
 
 
 def _parse_value(text: str):
@@ -121,8 +131,10 @@ def _run_stage(args, fn, opts) -> int:
 def cmd_pretrain_au(args) -> int:
     from .stages import PretrainOptions, pretrain_au
 
+    _check_speech_options(args)
     return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr, balance=args.balance,
-                                                         augment_speech=args.augment_speech, init=args.init))
+                                                         augment_speech=args.augment_speech, vtlp=args.vtlp,
+                                                         init=args.init))
 
 
 def cmd_pretrain_au_classifier(args) -> int:
@@ -137,12 +149,14 @@ def cmd_pretrain_au_classifier(args) -> int:
 def cmd_train(args) -> int:
     from .stages import TrainOptions, train
 
+    _check_speech_options(args)
     if args.no_vgg:
         args.set.append("w_per=0")
     opts = TrainOptions(data=args.data, clip_len=args.clip_len, lr=args.lr, lr_audio2au=args.lr_audio2au,
                         lr_au_classifier=args.lr_au_classifier, audio2au=args.audio2au,
                         au_classifier=args.au_classifier, vgg_weights=args.vgg_weights,
-                        augment_speech=args.augment_speech, noise_floor=args.noise_floor, init=args.init)
+                        augment_speech=args.augment_speech, noise_floor=args.noise_floor, vtlp=args.vtlp,
+                        init=args.init)
     return _run_stage(args, train, opts)
 
 
@@ -213,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "optimizer and step count; e.g. after the corpus changed)")
         if name == "pretrain-au":
             s.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
+            s.add_argument("--vtlp", type=float, default=0.0, metavar="P", help=_VTLP_HELP)
         else:
             s.add_argument("--augment-images", action="store_true",
                            help="random horizontal flip and colour jitter of the training crops")
@@ -230,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
     t.add_argument("--noise-floor", type=float, default=0.0, metavar="P",
                    help="with --augment-speech: probability of an absolute -75..-40 dBFS noise floor per clip")
+    t.add_argument("--vtlp", type=float, default=0.0, metavar="P", help=_VTLP_HELP)
     t.add_argument("--init", type=Path, help="start the generator from this train checkpoint (new run, fresh optimizer; "
                    "with --audio2au, that pretrained Audio2AU replaces the checkpoint's)")
     vgg = t.add_mutually_exclusive_group()

@@ -44,6 +44,7 @@ class PretrainOptions:
     lr: float = 1e-3
     frames_per_item: int = 8  # frames of one clip per dataset item (batch = B x this)
     augment_speech: bool = False  # training split only (training/augment.py); pretrain-au only
+    vtlp: float = 0.0  # with augment_speech: p of a vocal tract length perturbation per item
     # Weight positives by (1 - r) / r per AU (r = training-split occurrence rate): rare AUs
     # are otherwise learned last, and F1 at threshold 0.5 stays near 0 for them meanwhile.
     balance: bool = False
@@ -63,6 +64,7 @@ class TrainOptions:
     vgg_weights: Path | None = None  # None with cfg.w_per == 0 (--no-vgg)
     augment_speech: bool = False  # training split only (training/augment.py)
     noise_floor: float = 0.0  # with augment_speech: p of an absolute -75..-40 dBFS noise floor per clip
+    vtlp: float = 0.0  # with augment_speech: p of a vocal tract length perturbation per clip
     init: Path | None = None  # start the generator from this checkpoint's weights (fresh optimizer)
 
 
@@ -146,7 +148,7 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
         return {"bce": loss, "total": loss, "acc": _accuracy(logits, y, v)}
 
     return Task(name, cfg, train_set, val_set, opt, saved, step, validate,
-                extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech,
+                extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech, "vtlp": opts.vtlp,
                        "balance": opts.balance, "init": str(opts.init) if opts.init else None})
 
 
@@ -156,7 +158,7 @@ def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info
         raise ValueError("pretrain-au needs a config with Audio2AU on (drop --set audio2au=false)")
     seed_everything(loop.seed)
     train = AudioAUDataset(opts.data, "train", opts.frames_per_item,
-                           augment=SpeechAugment() if opts.augment_speech else None)
+                           augment=SpeechAugment(p_vtlp=opts.vtlp) if opts.augment_speech else None)
     val = AudioAUDataset(opts.data, "test", opts.frames_per_item) if _has_val(opts.data) else None
     net = AUHeads(cfg)
     if opts.init is not None:
@@ -297,7 +299,8 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
     seed_everything(loop.seed)
     r = cfg.lookahead_frames
     train_set = ClipDataset(opts.data, "train", context=r, clip_len=opts.clip_len,
-                            augment=SpeechAugment(p_floor=opts.noise_floor) if opts.augment_speech else None)
+                            augment=SpeechAugment(p_floor=opts.noise_floor, p_vtlp=opts.vtlp)
+                            if opts.augment_speech else None)
     val_set = ClipDataset(opts.data, "test", context=r, clip_len=opts.clip_len) if _has_val(opts.data) else None
     model, clf, groups, w_au = _train_parts(cfg, opts, info)
     au_w, w_au = _au_weighting(opts.data, w_au, info)
@@ -340,7 +343,7 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
         modules["au_classifier"] = clf
     extra = {"lr": opts.lr, "lr_audio2au": opts.lr_audio2au, "lr_au_classifier": opts.lr_au_classifier,
              "w_au_effective": w_au, "clip_len": opts.clip_len, "data": str(opts.data),
-             "augment_speech": opts.augment_speech, "noise_floor": opts.noise_floor, "init": str(opts.init) if opts.init else None,
+             "augment_speech": opts.augment_speech, "noise_floor": opts.noise_floor, "vtlp": opts.vtlp, "init": str(opts.init) if opts.init else None,
              "audio2au": str(opts.audio2au) if opts.audio2au else None,
              "au_classifier": str(opts.au_classifier) if opts.au_classifier else None}
     task = Task("train", cfg, train_set, val_set, opt, modules, step, validate, images, extra)
