@@ -128,3 +128,40 @@ def test_vtlp_moves_the_formant_keeps_timing_and_level():
                                   augment_speech(x, np.random.default_rng(4), SpeechAugment(p_vtlp=0.0)))
     only = SpeechAugment(p_noise=0.0, p_reverb=0.0, p_gain=0.0, p_vtlp=1.0, vtlp_alpha=(1.15, 1.15))
     assert abs(_envelope_peak_hz(augment_speech(x, np.random.default_rng(0), only)) - 805) < 45
+
+
+def test_quiet_items_target_the_photo_with_noise_or_silence_in(tmp_path):
+    """``ClipDataset(quiet=P)``: with probability P an item is hiss or silence with the identity
+    image as every target and no AU; off (0) leaves items and torch's RNG stream as they were."""
+    from avatar_stream.training.data import quiet_audio
+
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    moving = np.stack([np.roll(face, k, axis=0) for k in range(FRAMES)])  # targets differ from the photo
+    au = rng.uniform(0.5, 1, (FRAMES, 5)).astype(np.float32)
+    for spk in ("a", "b"):
+        write_clip(tmp_path, spk, "u0", moving, _tone(), face, au=au, au_label=au > 0.4)
+    write_split(tmp_path, ["a"], ["b"])
+    quiet = ClipDataset(tmp_path, "train", context=1, clip_len=4, quiet=1.0)
+    torch.manual_seed(0)
+    item = quiet[0]
+    ident = item.identity
+    assert item.frames.shape == (4, *ident.shape) and all(torch.equal(f, ident) for f in item.frames)
+    assert float(item.au.abs().max()) == 0.0 and float(item.au_label.abs().max()) == 0.0
+    plain = ClipDataset(tmp_path, "train", context=1, clip_len=4)[0]
+    assert item.mfcc.shape == plain.mfcc.shape and torch.isfinite(item.mfcc).all()
+    assert (item.mfcc - plain.mfcc).abs().max() > 1e-2  # not the tone's features
+    # Noise levels and kinds as documented.
+    levels = [quiet_audio(16000, np.random.default_rng(s)) for s in range(40)]
+    zeros = sum(float(np.abs(x).max()) == 0.0 for x in levels)
+    dbfs = [10 * np.log10(np.mean(x.astype(np.float64) ** 2)) for x in levels if np.abs(x).max() > 0]
+    assert 1 <= zeros <= 20 and -76 < min(dbfs) and max(dbfs) < -34
+    # Off: the same item and the same next torch draw as without the option.
+    off = ClipDataset(tmp_path, "train", context=1, clip_len=4, quiet=0.0)
+    torch.manual_seed(5)
+    a = off[0]
+    after_a = torch.rand(1)
+    torch.manual_seed(5)
+    b = ClipDataset(tmp_path, "train", context=1, clip_len=4)[0]
+    torch.testing.assert_close(a.frames, b.frames, rtol=0, atol=0)
+    assert torch.equal(after_a, torch.rand(1))

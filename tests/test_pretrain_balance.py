@@ -66,3 +66,16 @@ def test_cli_vtlp_reaches_the_speech_augmentation(monkeypatch, tmp_path, capsys)
         assert cli.main(["pretrain-au", *base, *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and why in err[0], err
+
+
+def test_cli_quiet_items(monkeypatch, tmp_path, capsys):
+    from avatar_stream.training import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_stage", lambda args, fn, opts: seen.setdefault(args.command, opts) and 0)
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--no-vgg"]
+    cli.main(["train", *base, "--quiet-items", "0.2"])
+    assert seen["train"].quiet_items == 0.2
+    capsys.readouterr()
+    assert cli.main(["train", *base, "--quiet-items", "1.5"]) == 2
+    assert "not a probability" in capsys.readouterr().err

@@ -150,13 +150,15 @@ def cmd_train(args) -> int:
     from .stages import TrainOptions, train
 
     _check_speech_options(args)
+    if not 0.0 <= args.quiet_items <= 1.0:
+        raise ValueError(f"--quiet-items {args.quiet_items} is not a probability: give a value in [0, 1]")
     if args.no_vgg:
         args.set.append("w_per=0")
     opts = TrainOptions(data=args.data, clip_len=args.clip_len, lr=args.lr, lr_audio2au=args.lr_audio2au,
                         lr_au_classifier=args.lr_au_classifier, audio2au=args.audio2au,
                         au_classifier=args.au_classifier, vgg_weights=args.vgg_weights,
                         augment_speech=args.augment_speech, noise_floor=args.noise_floor, vtlp=args.vtlp,
-                        init=args.init)
+                        quiet_items=args.quiet_items, init=args.init)
     return _run_stage(args, train, opts)
 
 
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--noise-floor", type=float, default=0.0, metavar="P",
                    help="with --augment-speech: probability of an absolute -75..-40 dBFS noise floor per clip")
     t.add_argument("--vtlp", type=float, default=0.0, metavar="P", help=_VTLP_HELP)
+    t.add_argument("--quiet-items", type=float, default=0.0, metavar="P",
+                   help="probability of a training item of only noise (-75..-35 dBFS) or silence, whose "
+                        "targets are the photo's own face: keeps the mouth still on hiss")
     t.add_argument("--init", type=Path, help="start the generator from this train checkpoint (new run, fresh optimizer; "
                    "with --audio2au, that pretrained Audio2AU replaces the checkpoint's)")
     vgg = t.add_mutually_exclusive_group()

@@ -301,16 +301,22 @@ def augmented_mfcc(root, entry: dict, idx: np.ndarray, aug: SpeechAugment) -> np
     """MFCC windows ``idx`` of the clip's audio after ``augment_speech`` (never cached). The
     rng seed comes from torch's RNG, which the loop seeds per worker from (seed, epoch, position)."""
     from avatar_stream.engine.timebase import frame_windows
-    from avatar_stream.training.mfcc import MFCC
 
     audio = load_clip(root, entry, ("audio",))["audio"]
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
     windows = frame_windows(augment_speech(audio, rng, aug), entry["frames"])[idx]
+    return _mfcc_of(windows)
+
+
+def _mfcc_of(windows: np.ndarray) -> np.ndarray:
+    """MFCC (training/mfcc.py, the one definition) of audio windows ``(k, WINDOW_SAMPLES)``."""
+    from avatar_stream.training.mfcc import MFCC
+
     global _AUG_MFCC
     if _AUG_MFCC is None:
         _AUG_MFCC = MFCC().eval()
     with torch.no_grad():
-        return _AUG_MFCC(torch.from_numpy(np.ascontiguousarray(windows))).numpy()
+        return _AUG_MFCC(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))).numpy()
 
 
 _AUG_MFCC = None
@@ -346,12 +352,17 @@ class ClipDataset(Dataset):
     ``start .. start + T - 1`` are targets. Outside the clip the edge frame is replicated
     (DESIGN.md §3), so the first and last frames of an utterance are trained exactly as the
     stream renders them. ``clip_len=None`` gives one sample per whole clip (variable T).
-    ``augment``: MFCC from ``augment_speech``-ed audio (training/augment.py) instead of the cache."""
+    ``augment``: MFCC from ``augment_speech``-ed audio (training/augment.py) instead of the cache.
+    ``quiet``: probability that an item is a quiet one instead: its audio replaced by digital
+    silence or white/pink noise at -75..-35 dBFS (``quiet_audio``), its targets by the
+    identity image (the photo's own mouth) and its AU labels by zeros. Teaches the model that
+    a window of only hiss is no speech; corpus pauses are too short to teach it."""
 
     def __init__(self, root, split: str, context: int, clip_len: int | None, stride: int | None = None,
-                 augment: SpeechAugment | None = None):
+                 augment: SpeechAugment | None = None, quiet: float = 0.0):
         self.root = Path(root)
         self.augment = augment
+        self.quiet = float(quiet)
         self.context = int(context)
         self.clip_len = clip_len
         self.entries = split_entries(root, split)
@@ -377,6 +388,11 @@ class ClipDataset(Dataset):
         n = entry["frames"]
         t = n if self.clip_len is None else self.clip_len
         ctx = np.clip(np.arange(start - self.context, start + t + self.context), 0, n - 1)
+        # Drawn only when enabled, so quiet == 0 leaves torch's RNG stream (and old runs) unchanged.
+        if self.quiet > 0:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+            if rng.random() < self.quiet:
+                return self._quiet_sample(clip, n, t, ctx, rng)
         if self.augment is not None:
             mfcc = augmented_mfcc(self.root, entry, ctx, self.augment)
         else:
@@ -390,6 +406,28 @@ class ClipDataset(Dataset):
             au=torch.from_numpy(clip["au"][start : start + t].astype(np.float32)),
             au_label=torch.from_numpy(clip["au_label"][start : start + t].astype(np.float32)),
         )
+
+
+    def _quiet_sample(self, clip, n: int, t: int, ctx: np.ndarray, rng: np.random.Generator) -> ClipSample:
+        from avatar_stream.engine.timebase import frame_windows
+
+        windows = frame_windows(quiet_audio(n * SAMPLES_PER_FRAME, rng), n)[ctx]
+        identity = _to_chw(clip["identity"])
+        return ClipSample(identity=identity, mfcc=torch.from_numpy(_mfcc_of(windows)),
+                          frames=identity.unsqueeze(0).repeat(t, 1, 1, 1),
+                          au=torch.zeros(t, len(AU_NAMES)), au_label=torch.zeros(t, len(AU_NAMES)))
+
+
+def quiet_audio(n_samples: int, rng: np.random.Generator, p_zero: float = 0.2,
+                dbfs: tuple[float, float] = (-75.0, -35.0)) -> np.ndarray:
+    """Audio with no speech in it: digital silence (probability ``p_zero``) or white or pink
+    noise with an RMS drawn in ``dbfs`` (re full scale), float32."""
+    from .augment import _pink
+
+    if rng.random() < p_zero:
+        return np.zeros(n_samples, np.float32)
+    noise = _pink(n_samples, rng) if rng.random() < 0.5 else rng.standard_normal(n_samples)
+    return (noise * 10.0 ** (rng.uniform(*dbfs) / 20.0)).astype(np.float32)
 
 
 class _FrameChunks(Dataset):
