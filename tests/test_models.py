@@ -392,3 +392,35 @@ def test_train_init_with_a_new_audio2au(tmp_path, capsys):
     model, _, _, _ = _train_parts(cfg, only, info)
     assert all(torch.equal(a, b) for a, b in zip(model.audio2au.state_dict().values(),
                                                   base.audio2au.state_dict().values(), strict=True))
+
+
+def test_train_keeps_the_pretrained_audio2au_batchnorm_statistics(tmp_path):
+    """With a pretrained Audio2AU the train stage keeps its batch-norm statistics (they used to
+    drift with every generator batch: noise-only items then moved Audio2AU's outputs on hiss
+    although its weights, at lr 1e-6, hardly changed); the generator's own ones still update."""
+    from avatar_stream.training.checkpoint import save_checkpoint
+    from avatar_stream.training.ddp import DistInfo
+    from avatar_stream.training.stages import TrainOptions, _train_parts
+
+    cfg = ModelConfig.tiny(w_per=0.0, w_au=0.0)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "au", {"audio2au": TalkingHead(cfg).audio2au.state_dict()}, cfg)
+    info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    model, _, _, _ = _train_parts(cfg, TrainOptions(data=tmp_path, audio2au=tmp_path / "au.safetensors"), info)
+    bns = lambda mod: [m for m in mod.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]  # noqa: E731
+    a2a_bn = bns(model.audio2au)
+    other_bn = [m for m in bns(model) if all(m is not b for b in a2a_bn)]
+    assert a2a_bn and other_bn
+    before = [b.running_mean.clone() for b in a2a_bn]
+    other_before = [b.running_mean.clone() for b in other_bn]
+    model.train()
+    assert not any(b.training for b in a2a_bn) and model.audio2au[0].lstm.training
+    mfcc = torch.randn(2, 1 + 2 * cfg.lookahead_frames, 12, 28) * 3
+    model.frame_features(mfcc.flatten(0, 1))
+    model.encode_identity(torch.rand(2, 3, cfg.image_size, cfg.image_size))
+    assert all(torch.equal(a, b.running_mean) for a, b in zip(before, a2a_bn, strict=True))
+    assert any(not torch.equal(a, b.running_mean) for a, b in zip(other_before, other_bn, strict=True))
+    # Without a pretrained Audio2AU (it trains from scratch with the generator) they update.
+    scratch, _, _, _ = _train_parts(cfg, TrainOptions(data=tmp_path), info)
+    scratch.train()
+    assert all(b.training for b in bns(scratch.audio2au))

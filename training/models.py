@@ -42,6 +42,19 @@ class TalkingHead(nn.Module):
         self.audio2au = nn.ModuleList(Audio2AU(cfg) for _ in cfg.au_names) if cfg.audio2au else None
         self.fusion = build_fusion(cfg)
         self.decoder = ImageDecoder(cfg, self.identity_encoder.channels)
+        # Set by the train stage when Audio2AU is pretrained: its batch-norm layers keep the
+        # statistics of pretraining (eval mode) while the rest trains. Otherwise every
+        # generator batch re-estimates them, and batches unlike pretraining's (noise-only
+        # items, a noise floor) shift Audio2AU's outputs although its weights barely move.
+        self.freeze_audio2au_stats = False
+
+    def train(self, mode: bool = True) -> TalkingHead:
+        super().train(mode)
+        if mode and self.freeze_audio2au_stats and self.audio2au is not None:
+            for m in self.audio2au.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def encode_identity(self, face: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``face (B, 3, S, S)`` in [0, 1] -> ``f_id (B, f_id)``, 4 skip maps (shallow to deep)."""

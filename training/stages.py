@@ -247,6 +247,7 @@ def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
             load_pretrained(opts.audio2au, "audio2au", model.audio2au)
         if opts.audio2au is not None or opts.init is not None:
             groups.append({"params": a2a, "lr": opts.lr_audio2au, "name": "audio2au"})
+            model.freeze_audio2au_stats = True
         else:
             if info.main:
                 warnings.warn("Audio2AU is not pretrained (no --audio2au): it trains with the generator "
