@@ -432,9 +432,7 @@ class FaceWarper:
                 continue
             gy, gx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
             g = np.exp(-(((gx - c[0]) ** 2 + (gy - c[1]) ** 2) / (2 * rad * rad)))
-            dark = 1.0 - self.tints.crease * float(amount) * g[..., None]
-            out[y0:y1, x0:x1] = np.clip(np.rint(out[y0:y1, x0:x1] * dark), 0, 255).astype(np.uint8)
-
+            _darken(out, (x0, y0, x1, y1), g, self.tints.crease * float(amount))
 
     def _draw_furrows(self, out: np.ndarray, lm: np.ndarray, amount: float) -> None:
         """Nasolabial furrows: a soft dark line from above each nose wing, bowed outwards,
@@ -456,8 +454,14 @@ class FaceWarper:
             cv2.polylines(m, [pts], False, 255, max(int(round(0.015 * h)), 1), cv2.LINE_AA, shift=4)
             g = cv2.GaussianBlur(m.astype(np.float32) / 255.0, (0, 0), sigma)
             g /= max(float(g.max()), 1e-6)
-            dark = 1.0 - FURROW * float(amount) * g[..., None]
-            out[y0:y1, x0:x1] = np.clip(np.rint(out[y0:y1, x0:x1] * dark), 0, 255).astype(np.uint8)
+            _darken(out, (x0, y0, x1, y1), g, FURROW * float(amount))
+
+
+def _darken(out: np.ndarray, box: tuple[int, int, int, int], weight: np.ndarray, strength: float) -> None:
+    """Multiply ``out`` in ``box`` = (x0, y0, x1, y1) by 1 - strength * weight (in place)."""
+    x0, y0, x1, y1 = box
+    dark = 1.0 - strength * weight[..., None]
+    out[y0:y1, x0:x1] = np.clip(np.rint(out[y0:y1, x0:x1] * dark), 0, 255).astype(np.uint8)
 
 
 def _closed_spline(points: np.ndarray, per_segment: int = 6) -> np.ndarray:

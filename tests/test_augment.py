@@ -133,7 +133,7 @@ def test_vtlp_moves_the_formant_keeps_timing_and_level():
 def test_quiet_items_target_the_photo_with_noise_or_silence_in(tmp_path):
     """``ClipDataset(quiet=P)``: with probability P an item is hiss or silence with the identity
     image as every target and no AU; off (0) leaves items and torch's RNG stream as they were."""
-    from avatar_stream.training.data import quiet_audio
+    from avatar_stream.training.augment import quiet_audio
 
     rng = np.random.default_rng(0)
     face = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)

@@ -15,6 +15,7 @@ import pytest
 from avatar_stream.engine.audio import load_audio, resample
 from avatar_stream.engine.timebase import SAMPLE_RATE, SAMPLES_PER_FRAME, num_frames
 from avatar_stream.training import align, au_table, speech
+from avatar_stream.training.metrics import au_scores
 
 GRID_IDS = {
     "lrwp9a": "lay red with p nine again",
@@ -386,12 +387,8 @@ def test_recognised_words_label_real_speech_better_than_the_phone_loop(shared_da
                             (heard, align.force_align(audio, align.recognize_words(audio)))):
             out.append(au_table.occurrence(au_table.au_tracks(phones, n, alphabet="arpabet")).astype(bool))
 
-    def f1(got, want):
-        tp, fp, fn = (got & want).sum(0), (got & ~want).sum(0), (~got & want).sum(0)
-        return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-
     ref, loop, heard = (np.concatenate(x) for x in (ref, loop, heard))
-    f_loop, f_heard = f1(loop, ref), f1(heard, ref)
+    f_loop, f_heard = au_scores(loop, ref).f1, au_scores(heard, ref).f1
     print(f"AU label F1 vs the transcript: phone loop {f_loop.round(2)} mean {f_loop.mean():.3f}; "
           f"recognised words {f_heard.round(2)} mean {f_heard.mean():.3f}")
     assert f_heard.mean() > 0.85 and f_heard.mean() > f_loop.mean() + 0.1

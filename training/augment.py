@@ -54,6 +54,21 @@ def _pink(n: int, rng: np.random.Generator) -> np.ndarray:
     return x / (np.std(x) + 1e-12)
 
 
+def noise_at(n: int, rng: np.random.Generator, dbfs: tuple[float, float], p_pink: float) -> np.ndarray:
+    """Pink (probability ``p_pink``) or white noise, RMS drawn uniformly in ``dbfs`` re full scale."""
+    noise = _pink(n, rng) if rng.random() < p_pink else rng.standard_normal(n)
+    return noise * 10.0 ** (rng.uniform(*dbfs) / 20.0)
+
+
+def quiet_audio(n_samples: int, rng: np.random.Generator, p_zero: float = 0.2,
+                dbfs: tuple[float, float] = (-75.0, -35.0)) -> np.ndarray:
+    """Audio with no speech in it: digital silence (probability ``p_zero``) or white or pink
+    noise with an RMS drawn in ``dbfs`` (re full scale), float32 (``train --quiet-items``)."""
+    if rng.random() < p_zero:
+        return np.zeros(n_samples, np.float32)
+    return noise_at(n_samples, rng, dbfs, 0.5).astype(np.float32)
+
+
 def _speech_rms(audio: np.ndarray) -> float:
     """RMS of the louder half of 20 ms blocks: the speech level, not diluted by pauses."""
     n = len(audio) // 320 * 320
@@ -125,9 +140,8 @@ def augment_speech(audio: np.ndarray, rng: np.random.Generator, aug: SpeechAugme
         x = x * 10.0 ** (rng.uniform(*aug.gain_db) / 20.0)
     # Drawn only when enabled, so p_floor == 0 leaves the rng stream (and old runs) unchanged.
     if aug.p_floor > 0 and rng.random() < aug.p_floor:
-        noise = _pink(len(x), rng) if rng.random() < aug.p_pink else rng.standard_normal(len(x))
-        x = x + noise * 10.0 ** (rng.uniform(*aug.floor_dbfs) / 20.0)
+        x = x + noise_at(len(x), rng, aug.floor_dbfs, aug.p_pink)
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
-__all__ = ["SpeechAugment", "augment_speech", "vtlp"]
+__all__ = ["SpeechAugment", "augment_speech", "noise_at", "quiet_audio", "vtlp"]

@@ -56,10 +56,14 @@ _VTLP_HELP = ("with --augment-speech: probability of a vocal tract length pertur
               "(formants scaled by 0.85-1.15, timing kept: more speakers from the same recordings)")
 
 
+def _check_probability(flag: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{flag} {value} is not a probability: give a value in [0, 1]")
+
+
 def _check_speech_options(args) -> None:
     for flag, value in (("--vtlp", args.vtlp), ("--noise-floor", getattr(args, "noise_floor", 0.0))):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{flag} {value} is not a probability: give a value in [0, 1]")
+        _check_probability(flag, value)
         if value > 0 and not args.augment_speech:
             raise ValueError(f"{flag} {value} acts only with --augment-speech: add it, or drop {flag}")
 
@@ -150,8 +154,7 @@ def cmd_train(args) -> int:
     from .stages import TrainOptions, train
 
     _check_speech_options(args)
-    if not 0.0 <= args.quiet_items <= 1.0:
-        raise ValueError(f"--quiet-items {args.quiet_items} is not a probability: give a value in [0, 1]")
+    _check_probability("--quiet-items", args.quiet_items)
     if args.no_vgg:
         args.set.append("w_per=0")
     opts = TrainOptions(data=args.data, clip_len=args.clip_len, lr=args.lr, lr_audio2au=args.lr_audio2au,

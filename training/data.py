@@ -35,7 +35,7 @@ import torch
 from avatar_stream.engine.timebase import AU_NAMES, SAMPLES_PER_FRAME
 from torch.utils.data import Dataset
 
-from .augment import SpeechAugment, augment_speech
+from .augment import SpeechAugment, augment_speech, quiet_audio
 
 INDEX_VERSION = 1
 CROP = 112
@@ -407,7 +407,6 @@ class ClipDataset(Dataset):
             au_label=torch.from_numpy(clip["au_label"][start : start + t].astype(np.float32)),
         )
 
-
     def _quiet_sample(self, clip, n: int, t: int, ctx: np.ndarray, rng: np.random.Generator) -> ClipSample:
         from avatar_stream.engine.timebase import frame_windows
 
@@ -416,18 +415,6 @@ class ClipDataset(Dataset):
         return ClipSample(identity=identity, mfcc=torch.from_numpy(_mfcc_of(windows)),
                           frames=identity.unsqueeze(0).repeat(t, 1, 1, 1),
                           au=torch.zeros(t, len(AU_NAMES)), au_label=torch.zeros(t, len(AU_NAMES)))
-
-
-def quiet_audio(n_samples: int, rng: np.random.Generator, p_zero: float = 0.2,
-                dbfs: tuple[float, float] = (-75.0, -35.0)) -> np.ndarray:
-    """Audio with no speech in it: digital silence (probability ``p_zero``) or white or pink
-    noise with an RMS drawn in ``dbfs`` (re full scale), float32."""
-    from .augment import _pink
-
-    if rng.random() < p_zero:
-        return np.zeros(n_samples, np.float32)
-    noise = _pink(n_samples, rng) if rng.random() < 0.5 else rng.standard_normal(n_samples)
-    return (noise * 10.0 ** (rng.uniform(*dbfs) / 20.0)).astype(np.float32)
 
 
 class _FrameChunks(Dataset):
