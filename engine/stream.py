@@ -67,9 +67,9 @@ class FaceContext:
 
 
 # Warp intensity at AU probability 1, AU_NAMES order: for AU10/14/20 the strongest target the
-# phoneme table (training/au_table.py) gives them ("ee" spreads the lips by AU20 0.70), so a
+# phoneme table (training/au_table.py) gives them ("ee" spreads the lips by AU20 0.75), so a
 # certain AU renders as the corpus shows that phoneme; AU25/26 keep the full range.
-WARP_DRIVE = np.array([0.45, 0.35, 0.70, 1.0, 1.0], dtype=np.float32)
+WARP_DRIVE = np.array([0.60, 0.50, 0.75, 1.0, 1.0], dtype=np.float32)
 
 
 def smoothed_au(window_au: np.ndarray) -> np.ndarray:

@@ -58,28 +58,28 @@ class VisemeClass:
 # One row per class: targets in AU_NAMES order, dominance, why. Parsed into CLASSES below.
 _CLASS_TABLE = """
 sil            0.00 0.00 0.00 0.00 0.00  0.6  pause: the photo's neutral closed mouth (weak: short pauses stay coarticulated)
-bilabial       0.00 0.30 0.00 0.00 0.05  4.0  p b m: lips pressed shut; closure is obligatory, so dominant
-labiodental    0.45 0.20 0.10 0.30 0.10  3.0  f v: lower lip under the upper teeth, upper lip lifted
-dental         0.15 0.00 0.15 0.55 0.25  1.5  th dh: tongue tip between the teeth, lips apart
-alveolar       0.10 0.00 0.15 0.45 0.25  0.8  t d n l: tongue behind the teeth; lips and jaw follow the neighbours
-sibilant       0.20 0.30 0.35 0.40 0.10  1.5  s z: teeth nearly together, lips spread
-postalveolar   0.40 0.00 0.00 0.50 0.15  2.0  sh zh ch jh: lips flared forward, upper lip raised
-velar          0.05 0.00 0.10 0.45 0.35  0.7  k g ng: back of the tongue, jaw half open
-glottal        0.05 0.00 0.10 0.50 0.35  0.3  hh: no oral gesture, takes the next vowel's shape
-rhotic         0.30 0.00 0.00 0.35 0.15  1.2  r: lips slightly rounded and raised
-labial_glide   0.15 0.00 0.00 0.20 0.10  2.5  w: lips tightly rounded, small opening
-palatal_glide  0.15 0.30 0.45 0.40 0.15  1.0  y: as a short ee, lips spread
-open           0.10 0.00 0.10 1.00 0.90  1.0  aa (father): widest jaw opening
-open_front     0.25 0.10 0.45 0.95 0.75  1.0  ae (cat): open and spread
-open_mid       0.05 0.00 0.10 0.70 0.50  0.6  ah (cup), schwa: relaxed, half open, easily coarticulated
-mid_front      0.15 0.15 0.45 0.75 0.50  1.0  eh (bed): half open, spread
-near_front     0.20 0.25 0.55 0.55 0.25  1.0  ih (bit), end of ay/ey/oy: spread, jaw fairly closed
-close_front    0.25 0.35 0.70 0.50 0.15  1.2  iy (see): lips spread most, corners tight
-rhotic_vowel   0.30 0.00 0.00 0.50 0.30  1.0  er (bird): r-coloured, lips slightly rounded
-rounded_open   0.10 0.00 0.00 0.80 0.65  1.2  ao (law), start of oy: open and rounded, no spreading
-rounded_mid    0.10 0.00 0.00 0.55 0.40  1.5  start of ow (go): rounded, half open
-rounded_near   0.10 0.00 0.00 0.45 0.25  1.5  uh (book), end of ow/aw: rounded, nearly closed jaw
-rounded_close  0.10 0.00 0.00 0.30 0.15  2.0  uw (too): lips rounded to a small opening
+bilabial       0.00 0.45 0.00 0.00 0.05  4.0  p b m: lips pressed shut, corners tightened by the press; closure is obligatory, so dominant
+labiodental    0.60 0.00 0.00 0.30 0.10  3.0  f v: lower lip under the upper teeth, upper lip lifted
+dental         0.05 0.00 0.05 0.55 0.25  1.5  th dh: tongue tip between the teeth, lips apart
+alveolar       0.00 0.00 0.05 0.45 0.25  0.8  t d n l: tongue behind the teeth; lips and jaw follow the neighbours
+sibilant       0.05 0.45 0.45 0.40 0.10  1.5  s z: teeth nearly together, lips spread, corners tight
+postalveolar   0.55 0.00 0.00 0.50 0.15  2.0  sh zh ch jh: lips flared forward, upper lip raised
+velar          0.00 0.00 0.05 0.45 0.25  0.7  k g ng: back of the tongue, jaw half open
+glottal        0.00 0.00 0.05 0.50 0.30  0.3  hh: no oral gesture, takes the next vowel's shape
+rhotic         0.45 0.00 0.00 0.35 0.15  1.2  r: lips slightly rounded and raised
+labial_glide   0.05 0.00 0.00 0.20 0.10  2.5  w: lips tightly rounded, small opening
+palatal_glide  0.05 0.40 0.55 0.40 0.15  1.0  y: as a short ee, lips spread, corners tight
+open           0.00 0.00 0.05 1.00 0.90  1.0  aa (father): widest jaw opening
+open_front     0.05 0.00 0.50 0.95 0.75  1.0  ae (cat): open and spread
+open_mid       0.00 0.00 0.05 0.70 0.50  0.6  ah (cup), schwa: relaxed, half open, easily coarticulated
+mid_front      0.05 0.05 0.50 0.75 0.50  1.0  eh (bed): half open, spread
+near_front     0.05 0.40 0.60 0.55 0.25  1.0  ih (bit), end of ay/ey/oy: spread, jaw fairly closed, corners tight
+close_front    0.05 0.50 0.75 0.50 0.15  1.2  iy (see): lips spread most, corners tightest
+rhotic_vowel   0.45 0.00 0.00 0.50 0.30  1.0  er (bird): r-coloured, lips slightly rounded and raised
+rounded_open   0.05 0.00 0.00 0.80 0.65  1.2  ao (law), start of oy: open and rounded, no spreading
+rounded_mid    0.05 0.00 0.00 0.55 0.50  1.5  start of ow (go): rounded, half open
+rounded_near   0.05 0.00 0.00 0.45 0.25  1.5  uh (book), end of ow/aw: rounded, nearly closed jaw
+rounded_close  0.05 0.00 0.00 0.30 0.15  2.0  uw (too): lips rounded to a small opening
 """
 
 
