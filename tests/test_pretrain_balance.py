@@ -37,6 +37,30 @@ def test_mouth_loss_sees_only_the_mouth_box():
     assert "mouth" not in off and float(on["total"] - off["total"]) == pytest.approx(2.0 * float(on["mouth"]))
 
 
+def test_motion_loss_penalises_jitter_and_missing_motion_in_the_mouth_box():
+    from avatar_stream.training.config import ModelConfig
+    from avatar_stream.training.losses import TotalLoss, motion_loss
+
+    still = torch.full((1, 3, 3, 112, 112), 0.5)
+    jitter = still.clone()
+    jitter[:, 1, :, 80:90, 50:60] = 0.6  # the middle frame's mouth flickers; the target is still
+    assert float(motion_loss(still, still)) == 0.0
+    # two changes (up at 0->1, back at 1->2) of 0.1 over 100 px x 3 channels, 2 steps of the box
+    assert float(motion_loss(jitter, still)) == pytest.approx(2 * 0.1 * 300 / (2 * 3 * 39 * 44), rel=1e-4)
+    # a constant offset (same error in every frame) is not motion: that is L_rec's business
+    offset = still + 0.2
+    assert float(motion_loss(offset, still)) == pytest.approx(0.0, abs=1e-7)
+    # a target that moves while the prediction stays still is penalised the same way
+    assert float(motion_loss(still, jitter)) == pytest.approx(float(motion_loss(jitter, still)))
+    jitter[:, 1, :, 10:20, 10:20] = 1.0  # outside the mouth box: ignored
+    assert float(motion_loss(jitter, still)) == pytest.approx(2 * 0.1 * 300 / (2 * 3 * 39 * 44), rel=1e-4)
+    assert float(motion_loss(still[:, :1], jitter[:, :1])) == 0.0  # one frame: no motion
+    ident = still[:, 0]
+    off = TotalLoss(ModelConfig.tiny(w_per=0.0, w_au=0.0))(jitter, still, ident)
+    on = TotalLoss(ModelConfig.tiny(w_per=0.0, w_au=0.0, w_motion=5.0))(jitter, still, ident)
+    assert "motion" not in off and float(on["total"] - off["total"]) == pytest.approx(5.0 * float(on["motion"]))
+
+
 def test_cli_passes_the_new_flags_to_the_stage_options(monkeypatch, tmp_path):
     from avatar_stream.training import cli
 

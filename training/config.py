@@ -63,6 +63,10 @@ class ModelConfig:
     # (losses.MOUTH_BOX), for short CPU runs where the full-frame L_rec is dominated by
     # copying the identity and the mouth learns late.
     w_mouth: float = 0.0
+    # Not in the paper (0 = off): L1 between the frame-to-frame changes of the generated and
+    # the real mouth box (losses.motion_loss): penalises a mouth that jitters where the target
+    # is still (hiss, pauses) and one that moves less than the target.
+    w_motion: float = 0.0
     # Not in the paper (False = the paper's classifier): the AU classifier also sees the lower
     # half of the identity (neutral) image, 6 input channels, and so judges the change from
     # that face instead of guessing each unseen face's neutral mouth. Only the classifier
@@ -101,7 +105,7 @@ class ModelConfig:
              f"tcsan_hidden ({self.tcsan_hidden}) must be divisible by tcsan_heads ({self.tcsan_heads})")
         need(self.fusion != "gru" or self.tcsan_hidden % 2 == 0,
              f"the bidirectional GRU needs an even tcsan_hidden, got {self.tcsan_hidden}")
-        for name in ("w_rec", "w_id", "w_per", "w_au", "w_mouth"):
+        for name in ("w_rec", "w_id", "w_per", "w_au", "w_mouth", "w_motion"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
     # -- derived sizes ---------------------------------------------------------------------

@@ -134,6 +134,17 @@ def mouth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred[..., r0:r1, c0:c1], target[..., r0:r1, c0:c1])
 
 
+def motion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the frame-to-frame changes of ``pred`` and ``target`` ``(B, T, 3, S, S)``
+    over ``MOUTH_BOX`` (``ModelConfig.w_motion``); 0 for single frames (T = 1)."""
+    if pred.dim() != 5 or pred.shape[1] < 2:
+        return pred.new_zeros(())
+    s = pred.shape[-1]
+    (r0, r1), (c0, c1) = ((round(a * s), round(b * s)) for a, b in MOUTH_BOX)
+    p, t = pred[..., r0:r1, c0:c1], target[..., r0:r1, c0:c1]
+    return F.l1_loss(p[:, 1:] - p[:, :-1], t[:, 1:] - t[:, :-1])
+
+
 def identity_loss(pred: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
     """L_id: L1 between the upper halves of ``pred (B, T, 3, S, S)`` (or ``(B, 3, S, S)``) and
     ``identity (B, 3, S, S)``; the upper face should not move with speech."""
@@ -222,6 +233,8 @@ class TotalLoss(nn.Module):
             parts["id"] = identity_loss(pred, identity)
         if cfg.w_mouth > 0:
             parts["mouth"] = mouth_loss(pred, target)
+        if cfg.w_motion > 0:
+            parts["motion"] = motion_loss(pred, target)
         if self.perceptual is not None:
             parts["per"] = self.perceptual(pred, target)
         if cfg.w_au > 0:
@@ -229,6 +242,7 @@ class TotalLoss(nn.Module):
                 raise ValueError("w_au > 0 needs au_logits (AU classifier on the generated frames) "
                                  "and au_target (AU labels); pass them or set w_au=0")
             parts["au"] = au_loss(au_logits, au_target, self.au_w)
-        weight = {"rec": cfg.w_rec, "id": cfg.w_id, "per": cfg.w_per, "au": cfg.w_au, "mouth": cfg.w_mouth}
+        weight = {"rec": cfg.w_rec, "id": cfg.w_id, "per": cfg.w_per, "au": cfg.w_au, "mouth": cfg.w_mouth,
+                  "motion": cfg.w_motion}
         parts["total"] = sum((weight[k] * v for k, v in parts.items()), start=pred.new_zeros(()))
         return parts
