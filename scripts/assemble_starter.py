@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 from avatar_stream.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from avatar_stream.training.config import ModelConfig
 
-LOSS_WEIGHTS = {"w_rec": 0.0, "w_id": 0.0, "w_per": 0.0, "w_au": 0.0, "w_mouth": 0.0}
+LOSS_WEIGHTS = {f.name: 0.0 for f in dataclasses.fields(ModelConfig) if f.name.startswith("w_")}
 
 
 def main(argv: list[str] | None = None) -> int:

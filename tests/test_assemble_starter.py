@@ -21,7 +21,7 @@ def _run(*args) -> subprocess.CompletedProcess:
 
 def test_assemble_takes_the_classifier_option_from_its_run(tmp_path):
     torch.manual_seed(0)
-    gen_cfg = ModelConfig.tiny(w_per=0.0)
+    gen_cfg = ModelConfig.tiny(w_per=0.0, w_motion=5.0)
     save_checkpoint(tmp_path / "train", {"generator": TalkingHead(gen_cfg).state_dict()}, gen_cfg)
     clf_cfg = ModelConfig.tiny(au_clf_reference=True)
     clf = AUClassifier(clf_cfg)
