@@ -1,0 +1,34 @@
+"""scripts/label_ceiling.py: the simulated recogniser's F1 ceiling of AU occurrence labels."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "label_ceiling.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("label_ceiling", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ceiling_is_low_only_where_intensities_sit_at_the_threshold():
+    lc = _module()
+    thr = np.asarray(lc.OCCURRENCE_THRESHOLDS)
+    rng = np.random.default_rng(1)
+    n = 20000
+    crisp = np.where(rng.random((n, 5)) < 0.3, thr + 0.3, 0.0)  # on well past the threshold, or off
+    blurred = thr + rng.normal(0.0, 0.03, (n, 5))  # hovering at the threshold
+    np.testing.assert_array_equal(lc.ceiling(crisp, 0.0, rng), np.ones(5))
+    assert (lc.ceiling(crisp, 0.05, rng) > 0.99).all()
+    assert (lc.ceiling(blurred, 0.05, rng) < 0.8).all()
+
+
+def test_bad_corpus_is_a_one_line_error(tmp_path, capsys):
+    assert _module().main(["--data", str(tmp_path / "missing")]) == 2
+    assert "label_ceiling:" in capsys.readouterr().err
