@@ -6,7 +6,8 @@ A simulated recogniser knows every frame's AU intensity up to Gaussian noise of 
 standard deviation and thresholds it like the labels (``au_table.OCCURRENCE_THRESHOLDS``);
 its F1 against the true labels is the best a real recogniser of that precision can reach.
 When an AU's intensity sits near its threshold most of the time, the ceiling is low whatever
-the model. Uses every labelled frame of the corpus (train and test splits); seed 0.
+the model. Uses every labelled frame of the corpus (train and test splits); seed 0 for each
+noise level.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.au_table import OCCURRENCE_THRESHOLDS
-from avatar_stream.training.data import load_clip, split_entries
+from avatar_stream.training.data import ShardError, load_clip, split_entries
 
 
 def ceiling(intensities: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -38,20 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         entries = split_entries(args.data, "train") + split_entries(args.data, "test")
-    except (FileNotFoundError, ValueError) as e:
+        arrays = [load_clip(args.data, e, ("au",))["au"] for e in entries]
+    except (FileNotFoundError, ValueError, ShardError) as e:
         print(f"label_ceiling: {e}", file=sys.stderr)
         return 2
-    au = np.concatenate([load_clip(args.data, e, ("au",))["au"] for e in entries])
+    au = np.concatenate(arrays) if arrays else np.zeros((0, len(AU_NAMES)), np.float32)
     au = au[np.isfinite(au).all(1)]
     if not len(au):
         print(f"label_ceiling: {args.data} has no frames with known AU intensities", file=sys.stderr)
         return 2
-    rng = np.random.default_rng(0)
     rates = (au >= np.asarray(OCCURRENCE_THRESHOLDS)).mean(0)
     print(f"{args.data}: {len(au):,} frames; occurrence rate " + " ".join(f"{n} {r:.2f}" for n, r in zip(AU_NAMES, rates)))
     print("noise  " + " ".join(f"{n:>6}" for n in AU_NAMES) + "   mean")
     for s in args.noise:
-        f1 = ceiling(au, s, rng)
+        f1 = ceiling(au, s, np.random.default_rng(0))  # same draw per level, whatever --noise lists
         print(f"{s:5.2f}  " + " ".join(f"{v:6.3f}" for v in f1) + f"  {f1.mean():.3f}")
     return 0
 

@@ -31,6 +31,7 @@ def test_assemble_takes_the_classifier_option_from_its_run(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg, states, extra = load_checkpoint(tmp_path / "starter")
     assert cfg.au_clf_reference and cfg.w_per == 0.0 and set(states) == {"generator", "au_classifier"}
+    assert cfg.w_motion == 5.0  # the train run's loss weights, not the classifier run's
     again = AUClassifier(cfg)
     again.load_state_dict(states["au_classifier"])  # the 6-channel classifier fits the stored config
     assert extra["au_classifier_from"].endswith("clf.safetensors")

@@ -102,9 +102,10 @@ def test_no_triangle_folds_outside_the_mouth(astro):
     """Hardly any corner of the AU box the speech corpus uses (each AU up to the runtime warp's
     drive at probability 1, WARP_DRIVE: the phoneme table's strongest target for AU10/14/20),
     with and without a blink, turns a triangle outside the inner mouth over on the astronaut
-    (4 of 64 do, all the thin nose-wing / upper-lip / corner triangle with AU10 + AU20 + AU26
-    together); what render draws (after ``unfold``) never folds, even at the unit cube's
-    corners."""
+    (8 of 64 do, all with AU10 + AU20 + AU26 at their maxima together, which no phoneme class
+    asks for: the classes that raise the upper lip do not spread the lips; 4 with the drive
+    before the on/off table); what render draws (after ``unfold``) never folds, even at the
+    unit cube's corners."""
     from avatar_stream.engine.stream import WARP_DRIVE
 
     _, _, warper = astro

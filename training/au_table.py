@@ -152,9 +152,9 @@ ESPEAK_TO_ARPABET: dict[str, tuple[str, ...]] = {
 
 # Occurrence thresholds, AU_NAMES order: an AU "occurs" in a frame when the mouth is past
 # roughly the midpoint between rest and the classes that use the AU.
-#   AU10 0.20  upper lip visibly raised: f v, sh ch, r, er (targets .30-.45)
-#   AU14 0.20  corners tightened: bilabial closure, s z, ih/iy (targets .25-.35)
-#   AU20 0.30  lips spread: front vowels, s z, y (targets .35-.70)
+#   AU10 0.20  upper lip visibly raised: f v, sh ch, r, er (targets .45-.60; others <= .05)
+#   AU14 0.20  corners tightened: bilabial closure, s z, y, ih/iy (targets .40-.50; others <= .05)
+#   AU20 0.30  lips spread: front vowels, s z, y (targets .45-.75; others <= .05)
 #   AU25 0.25  a visible gap between the lips: everything but p b m, w and rest
 #   AU26 0.35  jaw clearly lowered: open and mid vowels (targets .40-.90), not consonants
 OCCURRENCE_THRESHOLDS: tuple[float, float, float, float, float] = (0.20, 0.20, 0.30, 0.25, 0.35)

@@ -1,6 +1,7 @@
 """Training losses (paper §3.2, DESIGN.md §4):
 
     L_total = w_rec L_rec + w_id L_id + w_per L_per + w_au L_au   (1.5, 1.5, 0.07, 0.02)
+              [+ w_mouth L_mouth + w_motion L_motion: ours, not the paper's, 0 by default]
 
 - L_rec: L1 between generated and real frames.
 - L_id: L1 between the upper halves (rows 0 .. S/2) of the generated frames and the identity image.
@@ -8,6 +9,8 @@
   between features (frozen, ImageNet-normalised input).
 - L_au: weighted BCE + weighted Dice between AU logits (the AU classifier on generated frames)
   and AU occurrence labels, per-AU weights w_i ∝ 1/r_i normalised to sum to n_au.
+- L_mouth (``mouth_loss``): L1 over ``MOUTH_BOX``; L_motion (``motion_loss``): L1 between the
+  frame-to-frame changes of the generated and the real mouth box.
 
 VGG-19 is built here (torchvision is not installable beside our torch) with torchvision's
 layer indices, so torchvision's ImageNet file ``vgg19-dcbb9e9d.pth`` loads by key name.
