@@ -18,17 +18,16 @@ from pathlib import Path
 
 import numpy as np
 from avatar_stream.engine.timebase import AU_NAMES
-from avatar_stream.training.au_table import OCCURRENCE_THRESHOLDS
+from avatar_stream.training.au_table import occurrence
 from avatar_stream.training.data import ShardError, load_clip, split_entries
+from avatar_stream.training.metrics import au_scores
 
 
 def ceiling(intensities: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Per-AU F1 of ``intensities (N, 5) + N(0, sigma)`` thresholded, against the labels."""
-    thr = np.asarray(OCCURRENCE_THRESHOLDS)
-    truth = intensities >= thr
-    guess = intensities + rng.normal(0.0, sigma, intensities.shape) >= thr
-    tp = (truth & guess).sum(0)
-    return 2 * tp / np.maximum(truth.sum(0) + guess.sum(0), 1)
+    """Per-AU F1 (``metrics.au_scores``) of ``intensities (N, 5) + N(0, sigma)`` thresholded
+    (``au_table.occurrence``), against the labels; NaN for an AU that never occurs."""
+    guess = occurrence(intensities + rng.normal(0.0, sigma, intensities.shape))
+    return au_scores(guess, occurrence(intensities)).f1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not len(au):
         print(f"label_ceiling: {args.data} has no frames with known AU intensities", file=sys.stderr)
         return 2
-    rates = (au >= np.asarray(OCCURRENCE_THRESHOLDS)).mean(0)
+    rates = occurrence(au).mean(0)
     print(f"{args.data}: {len(au):,} frames; occurrence rate " + " ".join(f"{n} {r:.2f}" for n, r in zip(AU_NAMES, rates)))
     print("noise  " + " ".join(f"{n:>6}" for n in AU_NAMES) + "   mean")
     for s in args.noise:

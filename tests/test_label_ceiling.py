@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+from avatar_stream.training.au_table import OCCURRENCE_THRESHOLDS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "label_ceiling.py"
 
@@ -19,7 +20,7 @@ def _module():
 
 def test_ceiling_is_low_only_where_intensities_sit_at_the_threshold():
     lc = _module()
-    thr = np.asarray(lc.OCCURRENCE_THRESHOLDS)
+    thr = np.asarray(OCCURRENCE_THRESHOLDS)
     rng = np.random.default_rng(1)
     n = 20000
     crisp = np.where(rng.random((n, 5)) < 0.3, thr + 0.3, 0.0)  # on well past the threshold, or off

@@ -105,7 +105,7 @@ class ModelConfig:
              f"tcsan_hidden ({self.tcsan_hidden}) must be divisible by tcsan_heads ({self.tcsan_heads})")
         need(self.fusion != "gru" or self.tcsan_hidden % 2 == 0,
              f"the bidirectional GRU needs an even tcsan_hidden, got {self.tcsan_hidden}")
-        for name in ("w_rec", "w_id", "w_per", "w_au", "w_mouth", "w_motion"):
+        for name in (f.name for f in fields(self) if f.name.startswith("w_")):  # the loss weights
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
     # -- derived sizes ---------------------------------------------------------------------

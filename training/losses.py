@@ -130,11 +130,16 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 MOUTH_BOX = ((0.55, 0.9), (0.3, 0.7))
 
 
+def _mouth(frames: torch.Tensor) -> torch.Tensor:
+    """The ``MOUTH_BOX`` of ``(..., 3, S, S)`` frames."""
+    s = frames.shape[-1]
+    (r0, r1), (c0, c1) = ((round(a * s), round(b * s)) for a, b in MOUTH_BOX)
+    return frames[..., r0:r1, c0:c1]
+
+
 def mouth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 over ``MOUTH_BOX`` of ``(..., 3, S, S)`` frames (``ModelConfig.w_mouth``)."""
-    s = pred.shape[-1]
-    (r0, r1), (c0, c1) = ((round(a * s), round(b * s)) for a, b in MOUTH_BOX)
-    return F.l1_loss(pred[..., r0:r1, c0:c1], target[..., r0:r1, c0:c1])
+    return F.l1_loss(_mouth(pred), _mouth(target))
 
 
 def motion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -142,9 +147,7 @@ def motion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     over ``MOUTH_BOX`` (``ModelConfig.w_motion``); 0 for single frames (T = 1)."""
     if pred.dim() != 5 or pred.shape[1] < 2:
         return pred.new_zeros(())
-    s = pred.shape[-1]
-    (r0, r1), (c0, c1) = ((round(a * s), round(b * s)) for a, b in MOUTH_BOX)
-    p, t = pred[..., r0:r1, c0:c1], target[..., r0:r1, c0:c1]
+    p, t = _mouth(pred), _mouth(target)
     return F.l1_loss(p[:, 1:] - p[:, :-1], t[:, 1:] - t[:, :-1])
 
 
