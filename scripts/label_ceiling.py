@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"label_ceiling: {args.data} has no frames with known AU intensities", file=sys.stderr)
         return 2
     rates = occurrence(au).mean(0)
-    print(f"{args.data}: {len(au):,} frames; occurrence rate " + " ".join(f"{n} {r:.2f}" for n, r in zip(AU_NAMES, rates)))
+    print(f"{args.data}: {len(au):,} frames; occurrence rate " + " ".join(f"{n} {r:.2f}" for n, r in zip(AU_NAMES, rates, strict=True)))
     print("noise  " + " ".join(f"{n:>6}" for n in AU_NAMES) + "   mean")
     for s in args.noise:
         f1 = ceiling(au, s, np.random.default_rng(0))  # same draw per level, whatever --noise lists
