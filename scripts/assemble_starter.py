@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Loss weights differ between stages (--no-vgg sets w_per=0 for train only); the
     # architecture must not.
-    # au_clf_reference shapes the classifier only: it comes from the classifier's run.
-    clf_only = {**LOSS_WEIGHTS, "au_clf_reference": False}
+    # au_clf_reference and au_clf_dropout concern the classifier only: they come from its run.
+    clf_only = {**LOSS_WEIGHTS, "au_clf_reference": False, "au_clf_dropout": 0.0}
     if dataclasses.replace(clf_cfg, **clf_only) != dataclasses.replace(cfg, **clf_only):
         print(f"assemble_starter: {clf_src} has another architecture (ModelConfig) than {args.train}", file=sys.stderr)
         return 2
     modules["au_classifier"] = clf_states["au_classifier"]
-    cfg = dataclasses.replace(cfg, au_clf_reference=clf_cfg.au_clf_reference)
+    cfg = dataclasses.replace(cfg, au_clf_reference=clf_cfg.au_clf_reference, au_clf_dropout=clf_cfg.au_clf_dropout)
     meta = {"generator_from": str(args.train), "generator_extra": extra,
             "au_classifier_from": str(clf_src), "au_classifier_extra": clf_extra}
     out = save_checkpoint(args.out, modules, cfg, extra=meta)

@@ -344,6 +344,36 @@ def test_au_classifier_with_reference_image():
     assert paper.in_channels == 3 and torch.equal(paper.inputs(frames, ident), paper.lower_half(frames))
 
 
+def test_au_classifier_dropout_keeps_the_paper_weights_and_acts_only_in_training():
+    """au_clf_dropout: the same state-dict keys and shapes as the paper's classifier (old
+    checkpoints load), the same output in eval mode, a random one in training."""
+    torch.manual_seed(0)
+    paper, drop = AUClassifier(ModelConfig.tiny()), AUClassifier(ModelConfig.tiny(au_clf_dropout=0.5))
+    assert {k: v.shape for k, v in paper.state_dict().items()} == {k: v.shape for k, v in drop.state_dict().items()}
+    drop.load_state_dict(paper.state_dict())
+    x = torch.rand(4, 3, 56, 112)
+    with torch.no_grad():
+        assert torch.allclose(paper.eval()(x), drop.eval()(x))
+        drop.train()
+        assert not torch.allclose(drop(x), drop(x))
+    with pytest.raises(ValueError, match="au_clf_dropout"):
+        ModelConfig.tiny(au_clf_dropout=1.0)
+
+
+def test_a2a_width_scales_only_the_audio2au_modules():
+    """a2a_width: the Audio2AU modules' own channel multiplier (0 = width); their output
+    (au_dim features, one logit) and every other module stay as they are."""
+    narrow, wide = ModelConfig.tiny(), ModelConfig.tiny(a2a_width=0.5)
+    a, b = TalkingHead(narrow), TalkingHead(wide)
+    assert b.audio2au[0].lstm.hidden_size == 64 and a.audio2au[0].lstm.hidden_size == narrow.ch(128)
+    rest = {k: v.shape for k, v in a.state_dict().items() if not k.startswith("audio2au.")}
+    assert rest == {k: v.shape for k, v in b.state_dict().items() if not k.startswith("audio2au.")}
+    mfcc = torch.randn(3, 1, 12, 28)
+    assert b.audio2au[0].features(mfcc).shape == a.audio2au[0].features(mfcc).shape == (3, narrow.au_dim)
+    with pytest.raises(ValueError, match="a2a_width"):
+        ModelConfig.tiny(a2a_width=-1.0)
+
+
 def test_generator_objective_feeds_the_reference_classifier():
     """L_au in ``train`` with a reference classifier: each generated frame is judged against
     its own clip's identity image (a wrong pairing changes the loss)."""
@@ -388,6 +418,18 @@ def test_train_init_with_a_new_audio2au(tmp_path, capsys):
     ref = base.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if not k.startswith("audio2au."))
     assert [g["name"] for g in groups] == ["generator", "audio2au"] and groups[1]["lr"] == both.lr_audio2au
+    # A wider pretrained Audio2AU (another a2a_width) goes into a generator initialised
+    # from a narrow one: everything but the Audio2AU comes from CKPT.
+    wide_cfg = dataclasses.replace(cfg, a2a_width=0.5)
+    wide = TalkingHead(wide_cfg)
+    save_checkpoint(tmp_path / "au_wide", {"audio2au": wide.audio2au.state_dict()}, wide_cfg)
+    wide_opts = dataclasses.replace(both, audio2au=tmp_path / "au_wide.safetensors")
+    model, _, _, _ = _train_parts(wide_cfg, wide_opts, info)
+    assert all(torch.equal(a, b) for a, b in zip(model.audio2au.state_dict().values(),
+                                                  wide.audio2au.state_dict().values(), strict=True))
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if not k.startswith("audio2au."))
+    with pytest.raises(ValueError, match="do not fit"):  # without --audio2au the shapes must match
+        _train_parts(wide_cfg, TrainOptions(data=tmp_path, init=tmp_path / "init.safetensors"), info)
     only = TrainOptions(data=tmp_path, init=tmp_path / "init.safetensors")
     model, _, _, _ = _train_parts(cfg, only, info)
     assert all(torch.equal(a, b) for a, b in zip(model.audio2au.state_dict().values(),

@@ -152,6 +152,16 @@ def test_frame_datasets_use_labelled_clips_only(tmp_path):
     x = jit[0][0]
     assert x.shape == (4, 6, 56, 112) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert not torch.equal(x, lower)
+    # "full" jitter: position, scale, rotation, blur, noise on top; deterministic per torch seed
+    full = AUFrameDataset(tmp_path, "train", per_item=4, reference=True, jitter="full")
+    torch.manual_seed(0)
+    y = full[0][0]
+    torch.manual_seed(0)
+    assert torch.equal(y, full[0][0])
+    assert y.shape == (4, 6, 56, 112) and 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert not torch.equal(y, x) and torch.equal(full[0][1], lab)
+    with pytest.raises(ValueError, match="image jitter must be one of"):
+        AUFrameDataset(tmp_path, "train", jitter="strong")
     a = AudioAUDataset(tmp_path, "train", per_item=4)
     x, lab, valid = a[0]
     assert x.shape == (4, 12, 28)

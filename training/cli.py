@@ -234,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
             s.add_argument("--vtlp", type=float, default=0.0, metavar="P", help=_VTLP_HELP)
         else:
-            s.add_argument("--augment-images", action="store_true",
-                           help="random horizontal flip and colour jitter of the training crops")
+            s.add_argument("--augment-images", nargs="?", const="colour", default="off",
+                           choices=["off", "colour", "full"], metavar="MODE",
+                           help="jitter the training crops: 'colour' (the default when given bare): random "
+                                "horizontal flip and colour gain/offset; 'full': also position, scale, "
+                                "rotation, blur and noise (docs/training.md)")
         s.set_defaults(func=func)
 
     t = sub.add_parser("train", help="train the full model")

@@ -72,6 +72,14 @@ class ModelConfig:
     # that face instead of guessing each unseen face's neutral mouth. Only the classifier
     # reads it; the generator and its exported graphs are the same either way.
     au_clf_reference: bool = False
+    # Not in the paper (0 = off): dropout probability before each of the AU classifier's FC
+    # layers while it trains (the first FC holds nearly all its weights and is where a
+    # classifier trained on 50 faces memorises them). No weights change shape.
+    au_clf_dropout: float = 0.0
+    # Not in the paper (0 = use ``width``): channel multiplier of the Audio2AU modules alone.
+    # They are a few percent of the weights, and at a small ``width`` their LSTMs are the
+    # part of the model that has to recognise phonemes across voices.
+    a2a_width: float = 0.0
 
     def __post_init__(self) -> None:
         # JSON gives lists; the dataclass is frozen and hashable, so store a tuple.
@@ -105,6 +113,8 @@ class ModelConfig:
              f"tcsan_hidden ({self.tcsan_hidden}) must be divisible by tcsan_heads ({self.tcsan_heads})")
         need(self.fusion != "gru" or self.tcsan_hidden % 2 == 0,
              f"the bidirectional GRU needs an even tcsan_hidden, got {self.tcsan_hidden}")
+        need(self.a2a_width >= 0, f"a2a_width must be >= 0 (0 = width), got {self.a2a_width}")
+        need(0.0 <= self.au_clf_dropout < 1.0, f"au_clf_dropout must be in [0, 1), got {self.au_clf_dropout}")
         for name in (f.name for f in fields(self) if f.name.startswith("w_")):  # the loss weights
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
@@ -112,6 +122,10 @@ class ModelConfig:
     def ch(self, n: int) -> int:
         """Internal channel count ``n`` scaled by ``width`` (at least 4)."""
         return max(4, int(round(n * self.width)))
+
+    def a2a_ch(self, n: int) -> int:
+        """Audio2AU channel count ``n`` scaled by ``a2a_width`` (``width`` when 0; at least 4)."""
+        return max(4, int(round(n * (self.a2a_width or self.width))))
 
     @property
     def n_au(self) -> int:

@@ -454,30 +454,71 @@ class _FrameChunks(Dataset):
         return torch.from_numpy(lab[idx]), torch.from_numpy(known[idx].astype(np.float32))
 
 
+IMAGE_JITTER = ("off", "colour", "full")
+
+
+def _image_jitter_full(frames: np.ndarray, ident: np.ndarray | None, rng: np.random.Generator):
+    """The geometric and camera part of ``--augment-images full`` on uint8 ``(k, S, S, 3)``
+    frames and their ``(S, S, 3)`` identity image (or None): one random similarity transform
+    (rotation +-4 deg, scale 0.94-1.06, shift +-3 px) for the frames and the identity alike
+    (another face position, the same expression), the identity shifted a further +-1.5 px on
+    its own (a reference never lines up to the pixel: head motion, a generated frame), then
+    with probability 0.3 each a Gaussian blur (sigma 0.4-1.2) and Gaussian noise (sigma 1-8
+    grey levels) of the frames only: generated frames are softer than the photo they come
+    from. Returns float32 arrays in [0, 255]."""
+    import cv2
+
+    s = frames.shape[1]
+    m = cv2.getRotationMatrix2D((s / 2.0, s / 2.0), rng.uniform(-4.0, 4.0), rng.uniform(0.94, 1.06))
+    m[:, 2] += rng.uniform(-3.0, 3.0, 2)
+    warp = lambda img, mat: cv2.warpAffine(img, mat, (s, s), flags=cv2.INTER_LINEAR,  # noqa: E731
+                                           borderMode=cv2.BORDER_REFLECT101)
+    out = np.stack([warp(f, m) for f in frames]).astype(np.float32)
+    if ident is not None:
+        mi = m.copy()
+        mi[:, 2] += rng.uniform(-1.5, 1.5, 2)
+        ident = warp(ident, mi).astype(np.float32)
+    if rng.random() < 0.3:
+        sigma = rng.uniform(0.4, 1.2)
+        out = np.stack([cv2.GaussianBlur(f, (0, 0), sigma) for f in out])
+    if rng.random() < 0.3:
+        out = out + rng.normal(0.0, rng.uniform(1.0, 8.0), out.shape).astype(np.float32)
+    return np.clip(out, 0.0, 255.0), ident
+
+
 class AUFrameDataset(_FrameChunks):
     """AU classifier samples: item = (lower half crops (k, C, 56, 112) float [0, 1],
     au_label (k, 5), valid (k, 5)) for k = ``per_item`` frames of one clip. C = 3, or 6 with
     ``reference`` (the clip's identity image's lower half stacked on each frame's, as
-    ``AUClassifier.inputs`` builds it). ``jitter`` (training): one random horizontal flip,
-    per-channel gain 0.8-1.2 and offset +-0.06 per item, the same for the frames and the
-    reference (a different face colour, not a different expression)."""
+    ``AUClassifier.inputs`` builds it).
 
-    def __init__(self, root, split: str, per_item: int = 8, reference: bool = False, jitter: bool = False):
+    ``jitter`` (training; ``True`` means ``"colour"``): ``"colour"`` is one random horizontal
+    flip, per-channel gain 0.8-1.2 and offset +-0.06 per item, the same for the frames and the
+    reference (a different face colour, not a different expression); ``"full"`` first applies
+    :func:`_image_jitter_full` (position, scale, rotation, blur, noise), then the same."""
+
+    def __init__(self, root, split: str, per_item: int = 8, reference: bool = False,
+                 jitter: bool | str = False):
         super().__init__(root, split, per_item)
         self.reference = reference
-        self.jitter = jitter
+        self.jitter = {True: "colour", False: "off"}.get(jitter, jitter)
+        if self.jitter not in IMAGE_JITTER:
+            raise ValueError(f"image jitter must be one of {IMAGE_JITTER}, got {jitter!r}")
 
     def __getitem__(self, i: int):
         ci, j = self.items[i]
         idx = self._frames(ci, j)
         frames = load_frames(self.root, self.entries[ci], idx)
+        ident = load_clip(self.root, self.entries[ci], ("identity",))["identity"] if self.reference else None
+        seed = int(torch.randint(0, 2**31 - 1, (1,))) if self.jitter != "off" else 0
+        if self.jitter == "full":
+            frames, ident = _image_jitter_full(frames, ident, np.random.default_rng(seed + 1))
         lower = _to_chw(frames[:, CROP // 2 :])
-        if self.reference:
-            ident = load_clip(self.root, self.entries[ci], ("identity",))["identity"]
+        if ident is not None:
             ref = _to_chw(ident[CROP // 2 :])
             lower = torch.cat([lower, ref.expand(len(lower), -1, -1, -1)], dim=1)
-        if self.jitter:
-            g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        if self.jitter != "off":
+            g = torch.Generator().manual_seed(seed)
             if torch.rand((), generator=g) < 0.5:
                 lower = lower.flip(-1)
             c = lower.shape[1]

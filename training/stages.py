@@ -48,7 +48,7 @@ class PretrainOptions:
     # Weight positives by (1 - r) / r per AU (r = training-split occurrence rate): rare AUs
     # are otherwise learned last, and F1 at threshold 0.5 stays near 0 for them meanwhile.
     balance: bool = False
-    augment_images: bool = False  # pretrain-au-classifier: flip + colour jitter (AUFrameDataset)
+    augment_images: bool | str = False  # pretrain-au-classifier: "colour" (= True) or "full" (AUFrameDataset)
     init: Path | None = None  # start from this stage checkpoint's weights (new run, fresh optimizer)
 
 
@@ -185,14 +185,24 @@ def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOp
 # ----------------------------------------------------------------------------- full model
 
 
-def load_pretrained(path: Path, module: str, target: nn.Module) -> None:
-    """Load ``module`` from a stage checkpoint into ``target``, with a one-line error on mismatch."""
+def load_pretrained(path: Path, module: str, target: nn.Module, skip: str | None = None) -> None:
+    """Load ``module`` from a stage checkpoint into ``target``, with a one-line error on mismatch.
+    ``skip``: a key prefix (e.g. ``"audio2au."``) left out on both sides: the caller loads that
+    part from elsewhere, so it may have another shape in this checkpoint."""
     _, states, extra = load_checkpoint(path)
     if module not in states:
         raise ValueError(f"{path} holds {sorted(states)}, not {module!r}: pass the checkpoint of "
                          f"{'pretrain-au' if module == 'audio2au' else 'pretrain-au-classifier'}")
+    state = states[module]
     try:
-        target.load_state_dict(states[module])
+        if skip is not None:
+            state = {k: v for k, v in state.items() if not k.startswith(skip)}
+            missing, unexpected = target.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith(skip)]
+            if missing or unexpected:
+                raise RuntimeError(f"state dict mismatch:\n  missing {missing[:3]}, unexpected {unexpected[:3]}")
+            return
+        target.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: {module} weights do not fit this model ({str(e).splitlines()[1].strip()}): "
                          f"pretrain with the same --width / --tiny / --set flags") from e
@@ -236,7 +246,10 @@ def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
     """Model, AU classifier (or None), parameter groups and the effective L_au weight."""
     model = TalkingHead(cfg)
     if opts.init is not None:
-        load_pretrained(opts.init, "generator", model)
+        # With --audio2au the init checkpoint's Audio2AU is replaced (below), so it may differ
+        # in shape (another a2a_width).
+        skip = "audio2au." if cfg.audio2au and opts.audio2au is not None else None
+        load_pretrained(opts.init, "generator", model, skip=skip)
     groups = []
     if cfg.audio2au:
         for m in model.audio2au:

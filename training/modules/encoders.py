@@ -91,17 +91,17 @@ class Audio2AU(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        c1, c2 = cfg.ch(32), cfg.ch(64)
+        c1, c2 = cfg.a2a_ch(32), cfg.a2a_ch(64)
         f2 = _half(cfg.n_mfcc)
         self.convs = nn.Sequential(
             _conv_bn_relu(1, c1, 3, 1, 1),  # (B, c1, F, W): local time-frequency patterns
             _conv_bn_relu(c1, c2, 3, (2, 1), 1),  # (B, c2, F/2, W): halve frequency only
             _conv_bn_relu(c2, c2, (f2, 1)),  # (B, c2, 1, W): whole spectrum per MFCC frame
         )
-        hidden = cfg.ch(128)
+        hidden = cfg.a2a_ch(128)
         self.lstm = nn.LSTM(c2, hidden, num_layers=2, batch_first=True)
-        self.fc = nn.Sequential(nn.Linear(hidden, cfg.ch(128)), nn.ReLU(),
-                                nn.Linear(cfg.ch(128), cfg.au_dim), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(hidden, cfg.a2a_ch(128)), nn.ReLU(),
+                                nn.Linear(cfg.a2a_ch(128), cfg.au_dim), nn.ReLU())
         self.head = nn.Linear(cfg.au_dim, 1)
 
     def features(self, mfcc: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,8 @@ class Audio2AU(nn.Module):
 
 class AUClassifier(nn.Module):
     """AU classifier on the lower half face (paper §3.1): 4 conv + ReLU with a max-pool after
-    every 2, then 3 FC. ``forward(lower (B, C, S/2, S) in [0, 1]) -> (B, n_au)`` logits
+    every 2, then 3 FC (``cfg.au_clf_dropout``, not in the paper: dropout before each FC while
+    training). ``forward(lower (B, C, S/2, S) in [0, 1]) -> (B, n_au)`` logits
     (sigmoid -> probabilities). C = 3 (the paper), or 6 with ``cfg.au_clf_reference``: the
     frame's lower half stacked with the identity image's. Build the input with
     ``inputs(frames, identity)``; ``lower_half(frames)`` cuts the lower half of full frames."""
@@ -138,6 +139,7 @@ class AUClassifier(nn.Module):
                                 nn.Linear(cfg.ch(256), cfg.ch(128)), nn.ReLU(),
                                 nn.Linear(cfg.ch(128), cfg.n_au))
         self.image_size = cfg.image_size
+        self.dropout = cfg.au_clf_dropout
 
     def lower_half(self, frames: torch.Tensor) -> torch.Tensor:
         """Rows S/2..S of ``(..., 3, S, S)`` frames, leading dims flattened: ``(N, 3, S/2, S)``."""
@@ -163,4 +165,13 @@ class AUClassifier(nn.Module):
         if lower.shape[1] != self.in_channels:
             raise ValueError(f"AU classifier input has {lower.shape[1]} channels, expected {self.in_channels}: "
                              f"build it with inputs(frames, identity)")
-        return self.fc(self.convs(lower * 2.0 - 1.0).flatten(1))  # (B, n_au) logits
+        h = self.convs(lower * 2.0 - 1.0).flatten(1)
+        if not self.dropout:
+            return self.fc(h)  # (B, n_au) logits
+        # Dropout (cfg.au_clf_dropout) on the FC inputs and hidden activations, applied here
+        # rather than as modules so that the FC's state-dict keys stay those of the paper's net.
+        for layer in self.fc:
+            if isinstance(layer, nn.Linear):
+                h = nn.functional.dropout(h, self.dropout, self.training)
+            h = layer(h)
+        return h
