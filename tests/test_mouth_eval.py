@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 from avatar_stream.engine import timebase as tb
@@ -20,10 +21,25 @@ def test_mouth_opening_is_gap_over_face_height_and_scale_free():
     pts = np.zeros((68, 2))
     pts[27] = (50, 40)
     pts[8] = (50, 140)  # face height 100
-    pts[62] = (50, 110)
-    pts[66] = (50, 118)  # gap 8
+    pts[61], pts[62], pts[63] = (45, 110), (50, 110), (55, 110)
+    pts[67], pts[66], pts[65] = (45, 116), (50, 118), (55, 120)  # gaps 6, 8, 10: mean 8
     assert mouth_opening(pts) == pytest.approx(0.08)
     assert mouth_opening(pts * 3.0 + 7.0) == pytest.approx(0.08)
+
+
+def test_subpixel_landmarks_follow_a_fractional_shift(astronaut):
+    """dlib's landmarks are whole pixels; ``subpixel=4`` fits them on the upscaled face and
+    resolves quarter pixels: the face shifted by 0.25 / 0.5 / 0.75 px moves them by that much."""
+    aligner = FaceAligner()
+    img = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)  # a GRID-sized face
+    whole, fine = aligner.landmarks(img), aligner.landmarks(img, subpixel=4)
+    assert np.array_equal(whole, np.round(whole)) and not np.array_equal(fine, np.round(fine))
+    assert np.abs(whole - fine).mean() < 1.0
+    for dx in (0.25, 0.5, 0.75):
+        moved = cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, 0]]), (256, 256), flags=cv2.INTER_CUBIC,
+                               borderMode=cv2.BORDER_REFLECT)
+        shift = aligner.landmarks(moved, subpixel=4) - fine
+        assert shift[:, 0].mean() == pytest.approx(dx, abs=0.06) and abs(shift[:, 1].mean()) < 0.1
 
 
 def test_pearson_skips_missing_frames_and_refuses_constant_input():

@@ -4,9 +4,17 @@ For each talking-face video (e.g. GRID clips): the clip's first frame is driven 
 own audio through what users run (the engine's ``Stream`` loop of ``render_offline`` on the exported
 graphs, full frame, ``crop_only=False``), once per renderer (``neural``: the decoder's crop pasted
 back; ``warp``: the photo warped by the Audio2AU probabilities). Mouth opening per frame =
-inner-lip gap (dlib landmarks 62-66) / face height (nose bridge 27 to chin 8), on the real
-frames and on the generated ones; the score is their Pearson r per clip (frames where dlib
-finds no face on either side are left out) and the mean over clips.
+inner-lip gap (mean of the dlib landmark pairs 61-67, 62-66, 63-65) / face height (nose
+bridge 27 to chin 8), landmarks at quarter-pixel resolution (``LANDMARK_SUBPIXEL``), on the
+real frames and on the generated ones; the score is their Pearson r per clip (frames where
+dlib finds no face on either side are left out) and the mean over clips.
+
+Why sub-pixel and three pairs (since 2026-11-26): dlib's landmarks are whole pixels, and at
+GRID's size one pixel of lip gap is 1% of the face height. A closed mouth held still on hiss
+then measured as a gap flipping between 0 and 1 px, and that rounding, not the mouth, made
+most of the quiet-input ratio (a third-corpus model: 0.19 at whole pixels and one pair, 0.06
+at quarter pixels and three pairs; the shipped starter 0.15 and 0.12, on the first GRID clip).
+Figures scored before that date used whole pixels and the one pair 62-66.
 
 Quiet input: the first clip's first frame driven by ``silence_seconds`` of zeros and of
 white noise at ``noise_dbfs`` (RMS re full scale). The mouth should stay as in the photo:
@@ -33,8 +41,9 @@ from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, parse_gate
 
 VIDEO_EXTS = (".mpg", ".mp4", ".avi", ".mov", ".mkv", ".webm")
 RENDERERS = ("neural", "warp")
-UPPER_INNER_LIP, LOWER_INNER_LIP = 62, 66
+INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))  # (upper, lower) inner-lip landmarks
 NOSE_BRIDGE, CHIN = 27, 8
+LANDMARK_SUBPIXEL = 4  # landmarks fitted on the face upscaled 4x: 1/4 px resolution
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,9 @@ class MouthEvalOptions:
 
 
 def mouth_opening(landmarks: np.ndarray) -> float:
-    """Inner-lip gap over face height for one (68, 2) landmark set (scale-free)."""
-    gap = np.linalg.norm(landmarks[LOWER_INNER_LIP] - landmarks[UPPER_INNER_LIP])
+    """Inner-lip gap (mean over ``INNER_LIP_PAIRS``) over face height for one (68, 2)
+    landmark set (scale-free)."""
+    gap = np.mean([np.linalg.norm(landmarks[lo] - landmarks[up]) for up, lo in INNER_LIP_PAIRS])
     height = np.linalg.norm(landmarks[CHIN] - landmarks[NOSE_BRIDGE])
     return float(gap / height) if height > 0 else float("nan")
 
@@ -61,7 +71,7 @@ def opening_track(aligner: FaceAligner, frames) -> np.ndarray:
     out = []
     for f in frames:
         try:
-            out.append(mouth_opening(aligner.landmarks(f)))
+            out.append(mouth_opening(aligner.landmarks(f, subpixel=LANDMARK_SUBPIXEL)))
         except FaceError:
             out.append(float("nan"))
     return np.asarray(out, dtype=np.float64)
