@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Loss weights differ between stages (--no-vgg sets w_per=0 for train only); the
     # architecture must not.
-    # au_clf_reference and au_clf_dropout concern the classifier only: they come from its run.
-    clf_only = {**LOSS_WEIGHTS, "au_clf_reference": False, "au_clf_dropout": 0.0}
+    # au_clf_reference and au_clf_dropout concern the classifier only: they come from its run;
+    # a2a_width concerns the generator only: it stays the train run's.
+    clf_only = {**LOSS_WEIGHTS, "au_clf_reference": False, "au_clf_dropout": 0.0, "a2a_width": 0.0}
     if dataclasses.replace(clf_cfg, **clf_only) != dataclasses.replace(cfg, **clf_only):
         print(f"assemble_starter: {clf_src} has another architecture (ModelConfig) than {args.train}", file=sys.stderr)
         return 2

@@ -150,7 +150,8 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
 
     return Task(name, cfg, train_set, val_set, opt, saved, step, validate,
                 extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech, "vtlp": opts.vtlp,
-                       "balance": opts.balance, "init": str(opts.init) if opts.init else None})
+                       "balance": opts.balance, "augment_images": opts.augment_images,
+                       "init": str(opts.init) if opts.init else None})
 
 
 def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
@@ -276,6 +277,7 @@ def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
         w_au = 0.0
     if opts.au_classifier is not None:
         clf = AUClassifier(cfg)
+        clf.dropout = 0.0  # a judge for L_au: au_clf_dropout is for pretraining it only
         load_pretrained(opts.au_classifier, "au_classifier", clf)
     if info.main:
         print_parameter_counts(model, clf)
