@@ -15,6 +15,21 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """``load_script("name")``: scripts/name.py imported as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (development media). Skips the test where it is absent."""
     if not SHARED_DATA.is_dir():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,15 +13,6 @@ from avatar_stream.training.config import ModelConfig
 from avatar_stream.training.data import write_clip, write_split
 from avatar_stream.training.metrics import au_scores
 from avatar_stream.training.models import AUClassifier
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "classifier_robustness.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("classifier_robustness", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _corpus(root: Path) -> None:
@@ -36,8 +26,8 @@ def _corpus(root: Path) -> None:
     write_split(root, [], ["t0", "t1"])
 
 
-def test_table_scores_the_same_items_as_is_and_perturbed(tmp_path, capsys):
-    cr = _module()
+def test_table_scores_the_same_items_as_is_and_perturbed(tmp_path, capsys, load_script):
+    cr = load_script("classifier_robustness")
     _corpus(tmp_path / "c")
     torch.manual_seed(0)
     cfg = ModelConfig.tiny(au_clf_reference=True)
@@ -65,8 +55,8 @@ def test_table_scores_the_same_items_as_is_and_perturbed(tmp_path, capsys):
     assert "as is" in capsys.readouterr().out
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
-    cr = _module()
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys, load_script):
+    cr = load_script("classifier_robustness")
     assert cr.main(["--data", str(tmp_path / "missing"), "--checkpoint", str(tmp_path / "x.safetensors")]) == 2
     _corpus(tmp_path / "c")
     cfg = ModelConfig.tiny()

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 from avatar_stream.training.au_table import OCCURRENCE_THRESHOLDS
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "label_ceiling.py"
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("label_ceiling", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_ceiling_is_low_only_where_intensities_sit_at_the_threshold():
-    lc = _module()
+def test_ceiling_is_low_only_where_intensities_sit_at_the_threshold(load_script):
+    lc = load_script("label_ceiling")
     thr = np.asarray(OCCURRENCE_THRESHOLDS)
     rng = np.random.default_rng(1)
     n = 20000
@@ -30,6 +18,6 @@ def test_ceiling_is_low_only_where_intensities_sit_at_the_threshold():
     assert (lc.ceiling(blurred, 0.05, rng) < 0.8).all()
 
 
-def test_bad_corpus_is_a_one_line_error(tmp_path, capsys):
-    assert _module().main(["--data", str(tmp_path / "missing")]) == 2
+def test_bad_corpus_is_a_one_line_error(tmp_path, capsys, load_script):
+    assert load_script("label_ceiling").main(["--data", str(tmp_path / "missing")]) == 2
     assert "label_ceiling:" in capsys.readouterr().err
