@@ -302,9 +302,7 @@ class FaceAligner:
         dlib returns whole pixels. ``subpixel`` = s > 1 fits the landmarks on the face's region
         upscaled s times (bicubic) and maps them back: a resolution of 1/s px, for measures of
         small moves (a mouth opening by one pixel is about 1% of a 100 px face)."""
-        img = _check_image(image, name)
-        points, box = self._landmarks_and_box(img, face_index, name)
-        return points if subpixel <= 1 else self._fit_subpixel(img, box, int(subpixel))
+        return self._landmarks_and_box(image, face_index, name, subpixel)[0]
 
     def align(self, image: np.ndarray, face_index: int | None = None, name: str = "the image") -> AlignedFace:
         """Detect, find landmarks and cut the canonical 112x112 crop of one face."""
@@ -342,7 +340,7 @@ class FaceAligner:
 
     # -- internals
 
-    def _landmarks_and_box(self, image, face_index, name):
+    def _landmarks_and_box(self, image, face_index, name, subpixel=1):
         img = _check_image(image, name)
         boxes = self.detect(img)
         if not boxes:
@@ -367,7 +365,8 @@ class FaceAligner:
             )
         box = boxes[face_index]
         self._check_size(box, name)
-        return self._fit(img, box), box
+        points = self._fit_subpixel(img, box, int(subpixel)) if subpixel > 1 else self._fit(img, box)
+        return points, box
 
     def _check_size(self, box, name):
         width = box[2] - box[0]

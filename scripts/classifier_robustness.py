@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 from avatar_stream.training.checkpoint import CheckpointError, load_checkpoint
-from avatar_stream.training.data import CROP, AUFrameDataset, ShardError, _to_chw, load_clip, load_frames
+from avatar_stream.training.data import AUFrameDataset, ShardError, _to_chw, load_clip, load_frames
 from avatar_stream.training.metrics import au_scores
 from avatar_stream.training.models import AUClassifier
 
@@ -43,25 +43,23 @@ PERTURBATIONS = {
 }
 
 
-def inputs(ds: AUFrameDataset, item: int, perturb, reference: bool):
-    """Classifier input of one dataset item under ``perturb``, and its (labels, valid)."""
+def inputs(clf: AUClassifier, ds: AUFrameDataset, item: int, perturb):
+    """``clf``'s input (``AUClassifier.inputs``) for one dataset item's frames and identity
+    image under ``perturb``, and the item's (labels, valid)."""
     ci, j = ds.items[item]
     idx = ds._frames(ci, j)
     frames = load_frames(ds.root, ds.entries[ci], idx).astype(np.float32)
     ident = load_clip(ds.root, ds.entries[ci], ("identity",))["identity"].astype(np.float32)
     frames, ident = perturb(frames, ident)
-    lower = _to_chw(np.clip(frames, 0, 255)[:, CROP // 2 :])
-    if reference:
-        ref = _to_chw(np.clip(ident, 0, 255)[CROP // 2 :])
-        lower = torch.cat([lower, ref.expand(len(lower), -1, -1, -1)], dim=1)
-    return lower, ds.labels(ci, idx)
+    chw = lambda a: _to_chw(np.clip(a, 0, 255))  # noqa: E731
+    return clf.inputs(chw(frames), chw(ident)[None]), ds.labels(ci, idx)
 
 
 def score(clf: AUClassifier, ds: AUFrameDataset, items, perturb) -> float:
     probs, labels, valid = [], [], []
     with torch.no_grad():
         for i in items:
-            x, (y, v) = inputs(ds, int(i), perturb, clf.reference)
+            x, (y, v) = inputs(clf, ds, int(i), perturb)
             probs.append(torch.sigmoid(clf(x)).numpy())
             labels.append(y.numpy())
             valid.append(v.numpy() > 0)

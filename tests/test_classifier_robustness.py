@@ -49,8 +49,8 @@ def test_table_scores_the_same_items_as_is_and_perturbed(tmp_path, capsys, load_
     v = torch.cat([v for _, _, v in parts]).numpy() > 0
     assert row["as is"] == au_scores(p, y, v).mean_f1
     # a perturbation changes what the classifier sees
-    x0, _ = cr.inputs(ds, 0, cr.PERTURBATIONS["as is"], True)
-    x1, _ = cr.inputs(ds, 0, cr.PERTURBATIONS["reference 1.5 px shift"], True)
+    x0, _ = cr.inputs(clf, ds, 0, cr.PERTURBATIONS["as is"])
+    x1, _ = cr.inputs(clf, ds, 0, cr.PERTURBATIONS["reference 1.5 px shift"])
     assert torch.equal(x0[:, :3], x1[:, :3]) and not torch.equal(x0[:, 3:], x1[:, 3:])
     assert "as is" in capsys.readouterr().out
 

@@ -195,14 +195,10 @@ def load_pretrained(path: Path, module: str, target: nn.Module, skip: str | None
         raise ValueError(f"{path} holds {sorted(states)}, not {module!r}: pass the checkpoint of "
                          f"{'pretrain-au' if module == 'audio2au' else 'pretrain-au-classifier'}")
     state = states[module]
+    if skip is not None:  # the skipped part keeps the target's own tensors; the rest must fit
+        own = {k: v for k, v in target.state_dict().items() if k.startswith(skip)}
+        state = {**{k: v for k, v in state.items() if not k.startswith(skip)}, **own}
     try:
-        if skip is not None:
-            state = {k: v for k, v in state.items() if not k.startswith(skip)}
-            missing, unexpected = target.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith(skip)]
-            if missing or unexpected:
-                raise RuntimeError(f"state dict mismatch:\n  missing {missing[:3]}, unexpected {unexpected[:3]}")
-            return
         target.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: {module} weights do not fit this model ({str(e).splitlines()[1].strip()}): "
