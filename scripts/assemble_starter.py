@@ -22,6 +22,7 @@ from avatar_stream.training.checkpoint import CheckpointError, load_checkpoint, 
 from avatar_stream.training.config import ModelConfig
 
 LOSS_WEIGHTS = {f.name: 0.0 for f in dataclasses.fields(ModelConfig) if f.name.startswith("w_")}
+CLASSIFIER_FIELDS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("au_clf_")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Loss weights differ between stages (--no-vgg sets w_per=0 for train only); the
     # architecture must not.
-    # au_clf_reference and au_clf_dropout concern the classifier only: they come from its run;
-    # a2a_width concerns the generator only: it stays the train run's.
-    clf_only = {**LOSS_WEIGHTS, "au_clf_reference": False, "au_clf_dropout": 0.0, "a2a_width": 0.0}
+    # The au_clf_* fields concern the classifier only: they come from its run; a2a_width
+    # concerns the generator only: it stays the train run's.
+    clf_only = {**LOSS_WEIGHTS, **CLASSIFIER_FIELDS, "a2a_width": 0.0}
     if dataclasses.replace(clf_cfg, **clf_only) != dataclasses.replace(cfg, **clf_only):
         print(f"assemble_starter: {clf_src} has another architecture (ModelConfig) than {args.train}", file=sys.stderr)
         return 2
     modules["au_classifier"] = clf_states["au_classifier"]
-    cfg = dataclasses.replace(cfg, au_clf_reference=clf_cfg.au_clf_reference, au_clf_dropout=clf_cfg.au_clf_dropout)
+    cfg = dataclasses.replace(cfg, **{name: getattr(clf_cfg, name) for name in CLASSIFIER_FIELDS})
     meta = {"generator_from": str(args.train), "generator_extra": extra,
             "au_classifier_from": str(clf_src), "au_classifier_extra": clf_extra}
     out = save_checkpoint(args.out, modules, cfg, extra=meta)

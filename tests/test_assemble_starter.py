@@ -23,14 +23,14 @@ def test_assemble_takes_the_classifier_option_from_its_run(tmp_path):
     torch.manual_seed(0)
     gen_cfg = ModelConfig.tiny(w_per=0.0, w_motion=5.0, a2a_width=0.5)
     save_checkpoint(tmp_path / "train", {"generator": TalkingHead(gen_cfg).state_dict()}, gen_cfg)
-    clf_cfg = ModelConfig.tiny(au_clf_reference=True, au_clf_dropout=0.3)
+    clf_cfg = ModelConfig.tiny(au_clf_reference=True, au_clf_dropout=0.3, au_clf_symmetric=True)
     clf = AUClassifier(clf_cfg)
     save_checkpoint(tmp_path / "clf", {"au_classifier": clf.state_dict()}, clf_cfg)
     r = _run("--train", tmp_path / "train.safetensors", "--au-classifier", tmp_path / "clf.safetensors",
              "--out", tmp_path / "starter")
     assert r.returncode == 0, r.stderr
     cfg, states, extra = load_checkpoint(tmp_path / "starter")
-    assert cfg.au_clf_reference and cfg.au_clf_dropout == 0.3 and cfg.w_per == 0.0 and set(states) == {"generator", "au_classifier"}
+    assert cfg.au_clf_reference and cfg.au_clf_symmetric and cfg.au_clf_dropout == 0.3 and cfg.w_per == 0.0 and set(states) == {"generator", "au_classifier"}
     assert cfg.w_motion == 5.0  # the train run's loss weights, not the classifier run's
     assert cfg.a2a_width == 0.5  # and its Audio2AU width (the classifier run never set it)
     TalkingHead(cfg).load_state_dict(states["generator"])

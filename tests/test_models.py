@@ -360,6 +360,21 @@ def test_au_classifier_dropout_keeps_the_paper_weights_and_acts_only_in_training
         ModelConfig.tiny(au_clf_dropout=1.0)
 
 
+def test_au_classifier_symmetric_is_mirror_invariant_with_the_same_weights():
+    """au_clf_symmetric: the same weights as the paper's classifier; its logits are the mean
+    of the plain classifier's on the crop and on its mirror image, so a crop and its mirror
+    get the same logits (the plain classifier gives them different ones)."""
+    torch.manual_seed(0)
+    paper = AUClassifier(ModelConfig.tiny(au_clf_reference=True)).eval()
+    sym = AUClassifier(ModelConfig.tiny(au_clf_reference=True, au_clf_symmetric=True)).eval()
+    sym.load_state_dict(paper.state_dict())
+    x = torch.rand(3, 6, 56, 112)
+    with torch.no_grad():
+        assert torch.allclose(sym(x), 0.5 * (paper(x) + paper(x.flip(-1))), atol=1e-6)
+        assert torch.allclose(sym(x), sym(x.flip(-1)), atol=1e-6)
+        assert not torch.allclose(paper(x), paper(x.flip(-1)), atol=1e-4)
+
+
 def test_a2a_width_scales_only_the_audio2au_modules():
     """a2a_width: the Audio2AU modules' own channel multiplier (0 = width); their output
     (au_dim features, one logit) and every other module stay as they are."""

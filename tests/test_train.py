@@ -17,6 +17,7 @@ from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import load_checkpoint
 from avatar_stream.training.cli import main
 from avatar_stream.training.data import write_clip, write_split
+from avatar_stream.training.loop import lr_factor
 
 FRAMES = 12
 # Tiny model, one TCSAN level (R = 1): CPU-fast, same code path as the paper model.
@@ -143,6 +144,42 @@ def test_resume_mid_epoch_gives_the_same_next_losses(corpus, tmp_path):
     assert _log(other)[0]["train/total"] != a[1]
 
 
+def test_cosine_schedule_resumes_exactly(corpus, tmp_path, monkeypatch):
+    """--lr-schedule cosine: a run of 4 steps stopped after its step-2 checkpoint and resumed
+    takes steps 3..4 with the same learning rates and losses as the uninterrupted run."""
+    import avatar_stream.training.loop as loop
+
+    args = ["pretrain-au", "--data", str(corpus), "--batch", "2", "--log-every", "1", "--ckpt-every", "2",
+            "--seed", "7", "--steps", "4", "--lr-schedule", "cosine", *MODEL, *FAST]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*args, "--out", str(full)]) == 0
+    calls, real = [], loop.mean_across
+
+    def stop_at_step_3(info, losses):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(info, losses)
+
+    monkeypatch.setattr(loop, "mean_across", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(part)])
+    monkeypatch.setattr(loop, "mean_across", real)
+    assert main([*args, "--out", str(part), "--resume"]) == 0
+    a = {r["step"]: (r["train/total"], r["lr_factor"]) for r in _log(full) if "train/total" in r}
+    b = {r["step"]: (r["train/total"], r["lr_factor"]) for r in _log(part) if "train/total" in r}
+    assert b[3] == a[3] and b[4] == a[4], (a, b)
+    assert [a[s][1] for s in (1, 2, 3, 4)] == pytest.approx([lr_factor("cosine", s, 4) for s in range(4)])
+
+
+def test_lr_factor():
+    assert [lr_factor("constant", s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert 0 < lr_factor("cosine", 9, 10) < 0.03
+    with pytest.raises(ValueError, match="cosine"):
+        lr_factor("linear", 0, 10)
+
+
 def test_train_errors_are_one_line(corpus, tmp_path, capsys):
     base = ["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "1", *MODEL, *FAST]
     assert main(base) == 2
@@ -152,6 +189,8 @@ def test_train_errors_are_one_line(corpus, tmp_path, capsys):
     assert "VGG-19 weights not found" in capsys.readouterr().err
     assert main([*base, "--no-vgg", "--clip-len", "50"]) == 2
     assert "--clip-len" in capsys.readouterr().err
+    assert main([*base, "--no-vgg", "--lr-schedule", "linear"]) == 2
+    assert "learning-rate schedule 'linear'" in capsys.readouterr().err
     assert main([*base, "--no-vgg", "--batch", "2", "--clip-len", "2"]) == 0
     capsys.readouterr()
     changed = [x if x != "tcsan_levels=1" else "tcsan_levels=2" for x in base]

@@ -46,6 +46,9 @@ def _loop_args(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
     g.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints + validation")
     g.add_argument("--image-every", type=int, default=500, help="steps between TensorBoard image grids")
     g.add_argument("--val-batches", type=int, default=16, help="validation batches per checkpoint")
+    g.add_argument("--lr-schedule", default="constant", metavar="{constant,cosine}",
+                   help="'constant' (default) or 'cosine': each learning rate decays to 0 along half a cosine "
+                        "over the run's steps")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -92,15 +95,16 @@ def model_config(args):
 
 
 def _loop_options(args):
-    from .loop import LoopOptions
+    from .loop import LoopOptions, lr_factor
 
+    lr_factor(args.lr_schedule, 0, 1)  # one-line error for an unknown schedule
     for name in ("batch", "ckpt_every", "log_every", "image_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return LoopOptions(out=args.out, batch=args.batch, epochs=args.epochs, steps=args.steps, seed=args.seed,
                        workers=args.workers, log_every=args.log_every, ckpt_every=args.ckpt_every,
                        image_every=args.image_every, val_batches=args.val_batches, resume=args.resume,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, lr_schedule=args.lr_schedule)
 
 
 # ----------------------------------------------------------------------------- commands

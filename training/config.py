@@ -76,6 +76,10 @@ class ModelConfig:
     # layers while it trains (the first FC holds nearly all its weights and is where a
     # classifier trained on 50 faces memorises them). No weights change shape.
     au_clf_dropout: float = 0.0
+    # Not in the paper (False = off): the AU classifier's logits are the mean of those of the
+    # crop and of its mirror image. The five mouth AUs are bilateral, pretraining already
+    # flips crops at random, and the mean is exactly mirror-invariant. No weights change.
+    au_clf_symmetric: bool = False
     # Not in the paper (0 = use ``width``): channel multiplier of the Audio2AU modules alone.
     # They are a few percent of the weights, and at a small ``width`` their LSTMs are the
     # part of the model that has to recognise phonemes across voices.

@@ -36,6 +36,7 @@ from .config import ModelConfig
 from .ddp import DistInfo, ResumableSampler, barrier, gather_rng, mean_across, restore_rng, seed_everything
 
 RNG_MODULE = "rng"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,18 @@ class LoopOptions:
     val_batches: int = 8
     resume: bool = False
     progress: bool = True
+    lr_schedule: str = "constant"  # LR_SCHEDULES; "cosine": every group's lr -> 0 over the run
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of each parameter group's initial learning rate for optimizer step
+    ``step`` (0-based) of ``total``: 1 for "constant"; 0.5 (1 + cos(pi step / total)) for
+    "cosine", 1 at the first step and near 0 at the last."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}: use one of {LR_SCHEDULES}")
 
 
 @dataclass
@@ -187,6 +200,9 @@ def run(task: Task, opts: LoopOptions, info: DistInfo) -> dict:
         if info.main:
             tqdm.write(f"[{task.name}] resumed from {out / 'last'} at step {state['step']} "
                        f"(epoch {state['epoch']}, batch {state['position']})")
+    # The optimizer's state dict carries "initial_lr", so a resumed run keeps the same schedule.
+    for group in task.optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     log = _Log(out, info.main, task)
     bar = tqdm(total=total, initial=state["step"], desc=task.name, disable=not (opts.progress and info.main))
     for m in task.modules.values():
@@ -198,7 +214,7 @@ def run(task: Task, opts: LoopOptions, info: DistInfo) -> dict:
             val = _validate(task, opts)
             log.scalars(state["step"], val)
             score = val.get("val/total", math.nan)
-            extra = {"stage": task.name, "world_size": info.world, "validation": val}
+            extra = {"stage": task.name, "world_size": info.world, "lr_schedule": opts.lr_schedule, "validation": val}
             if math.isfinite(score) and score < state["best"]:
                 state["best"] = score
                 save(task, out / "best", {**extra, "loop": dict(state)}, None)
@@ -208,6 +224,9 @@ def run(task: Task, opts: LoopOptions, info: DistInfo) -> dict:
     while state["step"] < total:
         sampler.set_position(state["epoch"], state["position"] * opts.batch)
         for batch in _loader(task, sampler, opts, state["epoch"], state["position"]):
+            factor = lr_factor(opts.lr_schedule, state["step"], total)
+            for group in task.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
             losses = mean_across(info, task.step(batch))
             state["step"] += 1
             state["position"] += 1
@@ -217,7 +236,8 @@ def run(task: Task, opts: LoopOptions, info: DistInfo) -> dict:
             bar.update()
             bar.set_postfix(loss=f"{losses.get('total', math.nan):.4f}")
             if state["step"] % opts.log_every == 0 or state["step"] == total:
-                log.scalars(state["step"], {f"train/{k}": v for k, v in losses.items()} | {"epoch": state["epoch"]})
+                log.scalars(state["step"], {f"train/{k}": v for k, v in losses.items()}
+                            | {"epoch": state["epoch"], "lr_factor": factor})
             if task.images is not None and info.main and state["step"] % opts.image_every == 0:
                 log.image(state["step"], task.images(batch))
             if state["step"] % opts.ckpt_every == 0 or state["step"] == total:

@@ -118,7 +118,8 @@ class Audio2AU(nn.Module):
 class AUClassifier(nn.Module):
     """AU classifier on the lower half face (paper §3.1): 4 conv + ReLU with a max-pool after
     every 2, then 3 FC (``cfg.au_clf_dropout``, not in the paper: dropout before each FC while
-    training). ``forward(lower (B, C, S/2, S) in [0, 1]) -> (B, n_au)`` logits
+    training; ``cfg.au_clf_symmetric``, not in the paper: logits averaged over the crop and its
+    mirror image). ``forward(lower (B, C, S/2, S) in [0, 1]) -> (B, n_au)`` logits
     (sigmoid -> probabilities). C = 3 (the paper), or 6 with ``cfg.au_clf_reference``: the
     frame's lower half stacked with the identity image's. Build the input with
     ``inputs(frames, identity)``; ``lower_half(frames)`` cuts the lower half of full frames."""
@@ -140,6 +141,7 @@ class AUClassifier(nn.Module):
                                 nn.Linear(cfg.ch(128), cfg.n_au))
         self.image_size = cfg.image_size
         self.dropout = cfg.au_clf_dropout
+        self.symmetric = cfg.au_clf_symmetric
 
     def lower_half(self, frames: torch.Tensor) -> torch.Tensor:
         """Rows S/2..S of ``(..., 3, S, S)`` frames, leading dims flattened: ``(N, 3, S/2, S)``."""
@@ -165,6 +167,13 @@ class AUClassifier(nn.Module):
         if lower.shape[1] != self.in_channels:
             raise ValueError(f"AU classifier input has {lower.shape[1]} channels, expected {self.in_channels}: "
                              f"build it with inputs(frames, identity)")
+        if self.symmetric:
+            # cfg.au_clf_symmetric: one batch of the crops and their mirror images, logits averaged.
+            both = self._logits(torch.cat([lower, lower.flip(-1)]))
+            return 0.5 * (both[: len(lower)] + both[len(lower) :])
+        return self._logits(lower)
+
+    def _logits(self, lower: torch.Tensor) -> torch.Tensor:
         h = self.convs(lower * 2.0 - 1.0).flatten(1)
         if not self.dropout:
             return self.fc(h)  # (B, n_au) logits
