@@ -5,7 +5,9 @@
         --data data/synth --clips /work/shared/data/grid_dev [--json compare.json]
 
 Both models are scored on the same corpus test split and the same real clips
-(``training.scorecard.score``). Exit status 0: the candidate beats the shipped weights
+(``training.scorecard.score``); where their AU classifiers differ, the shipped model's
+generated frames are judged again by the candidate's classifier, so that generated-frame AU
+F1 compares the generators under one judge. Exit status 0: the candidate beats the shipped weights
 (``scorecard.beats``: no figure regresses past its tolerance and at least one improves by
 its margin) and may replace pkg/starter; 1: it does not (the reasons are
 printed); 2: bad input. ``--no-shipped`` scores the candidate alone (exit 0). Commit new starter weights only on exit status 0.
@@ -19,7 +21,14 @@ import sys
 from pathlib import Path
 
 from avatar_stream import STARTER_DIR
-from avatar_stream.training.scorecard import ScoreOptions, beats, headline, score
+from avatar_stream.training.scorecard import (
+    ScoreOptions,
+    beats,
+    headline,
+    rejudge_generated,
+    same_classifier,
+    score,
+)
 
 STARTER_CHECKPOINT = STARTER_DIR / "starter.safetensors"
 
@@ -46,9 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("candidate", args.checkpoint, args.model)]
     if not args.no_shipped:
         runs.append(("shipped", args.shipped_checkpoint, args.shipped_model))
+    opts = {}
     for name, ckpt, model in runs:
-        res[name] = score(ScoreOptions(checkpoint=ckpt, model_dir=model, data=args.data, clips=tuple(args.clips),
-                                       max_clips=args.max_clips))
+        opts[name] = ScoreOptions(checkpoint=ckpt, model_dir=model, data=args.data, clips=tuple(args.clips),
+                                  max_clips=args.max_clips)
+        res[name] = score(opts[name])
+    if "shipped" in res and not same_classifier(args.checkpoint, args.shipped_checkpoint):
+        # One judge for both generators: the shipped frames re-scored by the candidate's classifier.
+        rejudge_generated(res["shipped"], args.checkpoint, opts["shipped"])
+        print(f"generated_au_f1: both models judged by the candidate's classifier (the shipped one's own: "
+              f"{res['shipped']['generator']['au_f1_own_classifier']:.4f})")
     c = headline(res["candidate"])
     s = headline(res["shipped"]) if "shipped" in res else {}
     print(f"{'figure':<32} {'candidate':>10} {'shipped':>10}")

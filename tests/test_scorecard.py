@@ -3,14 +3,25 @@ weights replace the shipped starter."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import save_checkpoint
 from avatar_stream.training.config import ModelConfig
 from avatar_stream.training.data import write_clip, write_split
-from avatar_stream.training.models import TalkingHead
-from avatar_stream.training.scorecard import audio2au_f1, beats, headline
+from avatar_stream.training.evaluate import EvalOptions, evaluate
+from avatar_stream.training.models import AUClassifier, TalkingHead
+from avatar_stream.training.scorecard import (
+    ScoreOptions,
+    audio2au_f1,
+    beats,
+    headline,
+    rejudge_generated,
+    same_classifier,
+    score,
+)
 
 
 def _res(r_neural=0.5, psnr=25.0, f1=0.8, quiet=0.05):
@@ -71,3 +82,37 @@ def test_audio2au_f1_counts_every_labelled_test_frame(tmp_path):
     assert set(res) == {"all", "espeak", "real", "frames"}
     assert res["real"]["per_au"]["AU10"]["frames"] == n - 1  # the NaN frame is not scored
     assert res["all"]["per_au"]["AU10"]["frames"] == 2 * (n - 1)
+
+
+def _tiny_corpus(root, n=9):
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    for spk, voice in (("a-es_x", "es_x"), ("b-rs_y", "rs_y"), ("c-es_z", "es_z")):
+        audio = (0.3 * rng.standard_normal(n * SAMPLES_PER_FRAME)).astype(np.float32)
+        frames = np.clip(face[None].astype(int) + rng.integers(-20, 20, (n, 112, 112, 3)), 0, 255).astype(np.uint8)
+        au = rng.uniform(0, 1, (n, 5)).astype(np.float32)
+        write_clip(root, spk, "u0", frames, audio, face, au=au, voice=voice)
+    write_split(root, ["a-es_x"], ["b-rs_y", "c-es_z"])
+
+
+def test_generated_frames_of_two_models_are_judged_by_one_classifier(tmp_path):
+    """same_classifier compares the classifiers' weights and options; rejudge_generated
+    re-scores a model's generated frames with another checkpoint's classifier (what
+    compare_starter does when the candidate brings a new classifier)."""
+    _tiny_corpus(tmp_path / "data")
+    torch.manual_seed(0)
+    cfg = ModelConfig.tiny()
+    gen = TalkingHead(cfg).state_dict()
+    ckpt = lambda name, clf, c=cfg: save_checkpoint(tmp_path / name, {"generator": gen, "au_classifier": clf}, c)  # noqa: E731
+    clf_a, clf_b = AUClassifier(cfg).state_dict(), AUClassifier(cfg).state_dict()
+    a, a2, b = ckpt("a", clf_a), ckpt("a2", {k: v.clone() for k, v in clf_a.items()}), ckpt("b", clf_b)
+    sym = ckpt("sym", clf_a, dataclasses.replace(cfg, au_clf_symmetric=True))
+    assert same_classifier(a, a2) and not same_classifier(a, b) and not same_classifier(a, sym)
+    opts = ScoreOptions(checkpoint=a, model_dir=None, data=tmp_path / "data")
+    res = score(opts)
+    own = res["generator"]["au_f1"]
+    rejudge_generated(res, b, opts)
+    by_b = evaluate(EvalOptions(data=tmp_path / "data", checkpoint=a, au_classifier=b, face_metrics=False,
+                                progress=False))["au_generated"]["mean_f1"]
+    assert res["generator"]["au_f1_own_classifier"] == own and res["generator"]["au_judge"] == str(b)
+    assert res["generator"]["au_f1"] == by_b != own and headline(res)["generated_au_f1"] == by_b

@@ -13,13 +13,14 @@ whether the candidate beats it (:func:`beats`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import build_model_from_checkpoint
+from .checkpoint import build_model_from_checkpoint, load_checkpoint
 from .data import MFCCCache, load_clip, split_entries
 from .metrics import au_scores
 
@@ -74,6 +75,34 @@ def score(opts: ScoreOptions) -> dict:
         res["mouth"] = evaluate_mouth(MouthEvalOptions(clips=tuple(opts.clips), model=opts.model_dir),
                                       progress=print if opts.progress else None)
     return res
+
+
+def same_classifier(a: Path, b: Path) -> bool:
+    """Whether checkpoints ``a`` and ``b`` hold the same AU classifier (weights and the
+    ``au_clf_*`` options): the same judge of generated frames."""
+    (cfg_a, st_a, _), (cfg_b, st_b, _) = load_checkpoint(a), load_checkpoint(b)
+    ca, cb = st_a.get("au_classifier"), st_b.get("au_classifier")
+    if ca is None or cb is None or ca.keys() != cb.keys():
+        return ca is None and cb is None
+    options = [f.name for f in dataclasses.fields(cfg_a) if f.name.startswith("au_clf_")]
+    return (all(getattr(cfg_a, f) == getattr(cfg_b, f) for f in options)
+            and all(torch.equal(ca[k], cb[k]) for k in ca))
+
+
+def rejudge_generated(res: dict, judge: Path, opts: ScoreOptions) -> None:
+    """Re-score ``res``'s generated frames (the model of ``opts.checkpoint``) with ``judge``'s
+    AU classifier, in place: ``generator.au_f1`` becomes that figure and the model's own
+    classifier's figure moves to ``generator.au_f1_own_classifier``. Generated-frame AU F1
+    measures a generator only with the judge held fixed: two models with different
+    classifiers are compared under one of them (:func:`beats` reads ``au_f1``)."""
+    from .evaluate import EvalOptions, evaluate
+
+    ev = evaluate(EvalOptions(data=opts.data, checkpoint=opts.checkpoint, au_classifier=judge,
+                              max_clips=opts.max_clips, face_metrics=False, progress=opts.progress))
+    gen = res["generator"]
+    gen["au_f1_own_classifier"] = gen["au_f1"]
+    gen["au_f1"] = (ev["au_generated"] or {}).get("mean_f1")
+    gen["au_judge"] = str(judge)
 
 
 def headline(res: dict) -> dict[str, float | None]:
@@ -136,4 +165,4 @@ def beats(candidate: dict, shipped: dict) -> tuple[bool, list[str]]:
     return not why, why if why else better
 
 
-__all__ = ["ScoreOptions", "audio2au_f1", "beats", "headline", "score"]
+__all__ = ["ScoreOptions", "audio2au_f1", "beats", "headline", "rejudge_generated", "same_classifier", "score"]
