@@ -186,6 +186,34 @@ def test_jitter_and_blinks_statistics():
     assert 3.0 < gap_s < 6.5, gap_s
 
 
+def test_test_real_speakers_holds_out_whole_speakers(tmp_path):
+    """--test-real-speakers: that many real speakers (all their recordings) are test speech,
+    independently of --test-voices; by default as many as --test-voices; identities and
+    espeak voices split as before."""
+    ids = [synth.Identity(f"p{i}", f"p{i}.png", (), ()) for i in range(6)]
+    voices = tuple(f"v{i}" for i in range(8))
+    real = [synth.RealFile(f"s{i}_{j}.wav", f"s{i}", None) for i in range(10) for j in range(2)]
+    opts = lambda **kw: _opts(tmp_path, tmp_path, utterances=60, test_identities=2, test_voices=2, **kw)  # noqa: E731
+
+    def held(split):
+        d = split["detail"]
+        return (d["test_identities"], [v for v in d["test_voices"] if v.startswith("es_")],
+                {v for v in d["test_voices"] if v.startswith("rs_")}, {v for v in d["train_voices"] if v.startswith("rs_")})
+
+    jobs0, split0 = synth.plan(opts(), ids, voices, real)
+    jobs5, split5 = synth.plan(opts(test_real_speakers=5), ids, voices, real)
+    assert len(held(split0)[2]) == 2 and len(held(split5)[2]) == 5
+    assert held(split0)[:2] == held(split5)[:2]  # the same photos and espeak voices held out
+    for jobs, split in ((jobs0, split0), (jobs5, split5)):
+        test_rs, train_rs = held(split)[2:]
+        assert not test_rs & train_rs and len(test_rs | train_rs) == 10
+        for j in jobs:
+            if j.real is not None:
+                assert (j.voice in test_rs) == (j.split == "test")
+    with pytest.raises(ValueError, match="--test-real-speakers -1"):
+        synth.plan(opts(test_real_speakers=-1), ids, voices, real)
+
+
 def test_bad_options_one_line_errors(faces_dir, tmp_path):
     with pytest.raises(ValueError, match="--test-identities 2 must be 0..1"):
         synth.build_corpus(_opts(faces_dir, tmp_path, test_identities=2))

@@ -23,7 +23,8 @@ the crop-space drift of a fixed scene point had a slow part of 0.3-1.1 px, 0.6-2
 0.2-0.3 degrees and a frame-to-frame part of 0.08 px, 0.3-0.8 %, 0.2 degrees.
 
 Split by identity and by voice: ``--test-identities`` photos and ``--test-voices`` espeak
-voices (and as many real speakers, when real speech is given) are held out; test clips pair
+voices (and ``--test-real-speakers``, by default as many, real speakers when real speech is
+given) are held out; test clips pair
 a held-out photo with a held-out voice, train clips use neither. A clip's speaker is
 ``<identity>-<voice>``; split.json lists speakers as ``prepare`` does and adds ``detail``.
 
@@ -76,6 +77,7 @@ class SynthOptions:
     real_speech: tuple[Path, ...] = ()
     test_identities: int = 1
     test_voices: int = 1
+    test_real_speakers: int | None = None  # None: as many as test_voices (corpora before 2026-11-26)
     workers: int = 1
     real_share: float = 0.3  # of utterances taken from real speech when any is given
     grid_share: float = 0.7  # of espeak utterances in the GRID grammar (the rest free text)
@@ -234,7 +236,10 @@ def plan(opts: SynthOptions, identities: list[Identity], voices: tuple[str, ...]
     ids = [identities[i] for i in rng.permutation(len(identities))]
     es = [voices[i] for i in rng.permutation(len(voices))]
     rs = [speakers[i] for i in rng.permutation(len(speakers))]
-    v_real = min(v, max(len(rs) - 1, 0))  # keep at least one real speaker for training
+    wanted = v if opts.test_real_speakers is None else opts.test_real_speakers
+    if wanted < 0:
+        raise ValueError(f"--test-real-speakers {wanted} must be >= 0")
+    v_real = min(wanted, max(len(rs) - 1, 0))  # keep at least one real speaker for training
     pools = {
         "test": (ids[:k], es[:v], [r for r in real if r.speaker in set(rs[:v_real])]),
         "train": (ids[k:], es[v:], [r for r in real if r.speaker not in set(rs[:v_real])]),
@@ -464,6 +469,7 @@ def main_synth(args) -> int:
     opts = SynthOptions(faces=Path(args.faces), out=Path(args.out), utterances=args.utterances, seed=args.seed,
                         real_speech=tuple(Path(p) for p in args.real_speech or ()),
                         test_identities=args.test_identities, test_voices=args.test_voices,
+                        test_real_speakers=args.test_real_speakers,
                         workers=args.workers, real_share=args.real_share, grid_share=args.grid_share,
                         max_seconds=args.max_seconds, progress=not args.no_progress)
     report = build_corpus(opts)
@@ -485,7 +491,10 @@ def add_arguments(p) -> None:
                    help="folder of real recordings (MANIFEST.tsv / transcripts.txt / GRID names; repeatable)")
     p.add_argument("--test-identities", type=int, default=1, help="photos held out for the test split")
     p.add_argument("--test-voices", type=int, default=1,
-                   help="espeak voices (and as many real speakers) held out for the test split")
+                   help="espeak voices (and as many real speakers, unless --test-real-speakers) held out for the test split")
+    p.add_argument("--test-real-speakers", type=int,
+                   help="real speakers held out for the test split (default: as many as --test-voices); "
+                        "every recording of a held-out speaker is test speech")
     p.add_argument("--workers", type=int, default=1, help="processes")
     p.add_argument("--real-share", type=float, default=0.3, help="share of clips from real speech (default 0.3)")
     p.add_argument("--grid-share", type=float, default=0.7, help="share of espeak clips in the GRID grammar")
