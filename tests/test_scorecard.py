@@ -79,7 +79,8 @@ def test_audio2au_f1_counts_every_labelled_test_frame(tmp_path):
     ckpt = save_checkpoint(tmp_path / "ckpt", {"generator": model.state_dict()}, model.cfg)
     res = audio2au_f1(ckpt, tmp_path)
     assert res["frames"] == 2 * n
-    assert set(res) == {"all", "espeak", "real", "frames"}
+    assert set(res) == {"all", "espeak", "real", "voices", "frames"}
+    assert {k: v["frames"] for k, v in res["voices"].items()} == {"rs_y": n, "es_z": n}
     assert res["real"]["per_au"]["AU10"]["frames"] == n - 1  # the NaN frame is not scored
     assert res["all"]["per_au"]["AU10"]["frames"] == 2 * (n - 1)
 

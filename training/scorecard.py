@@ -36,12 +36,14 @@ class ScoreOptions:
 
 
 def audio2au_f1(checkpoint: Path, data: Path, split: str = "test") -> dict:
-    """Audio2AU F1 of the checkpoint's generator on ``split``: ``{"all", "espeak", "real"}``."""
+    """Audio2AU F1 of the checkpoint's generator on ``split``: ``{"all", "espeak", "real"}``
+    (``AUScores.to_dict()`` each), ``"voices"``: ``{voice: {"mean_f1", "frames"}}`` (how many
+    distinct voices the figures rest on, and which are hard), and ``"frames"``."""
     model = build_model_from_checkpoint(checkpoint)
     if model.audio2au is None:
         raise ValueError(f"{checkpoint}: the model has no Audio2AU modules (audio2au=false)")
     cache = MFCCCache(data)
-    probs, labels, valid, real = [], [], [], []
+    probs, labels, valid, real, voice = [], [], [], [], []
     with torch.no_grad():
         for e in split_entries(data, split):
             arr = load_clip(data, e, ("au", "au_label"))
@@ -49,12 +51,17 @@ def audio2au_f1(checkpoint: Path, data: Path, split: str = "test") -> dict:
             probs.append(torch.sigmoid(logits).numpy())
             labels.append(arr["au_label"])
             valid.append(np.isfinite(arr["au"]))
-            real.append(np.full(len(arr["au"]), str(e.get("voice", "")).startswith("rs_")))
-    p, y, v, r = (np.concatenate(a) for a in (probs, labels, valid, real))
+            voice.append(np.full(len(arr["au"]), str(e.get("voice", ""))))
+    p, y, v, vo = (np.concatenate(a) for a in (probs, labels, valid, voice))
+    r = np.char.startswith(vo, "rs_")
     out = {"all": au_scores(p, y, v).to_dict()}
     for name, sel in (("espeak", ~r), ("real", r)):
         if sel.any():
             out[name] = au_scores(p[sel], y[sel], v[sel]).to_dict()
+    out["voices"] = {}
+    for name in sorted(set(vo.tolist())):
+        sel = vo == name
+        out["voices"][name] = {"mean_f1": au_scores(p[sel], y[sel], v[sel]).to_dict()["mean_f1"], "frames": int(sel.sum())}
     out["frames"] = int(len(p))
     return out
 
