@@ -43,7 +43,7 @@ def audio2au_f1(checkpoint: Path, data: Path, split: str = "test") -> dict:
     if model.audio2au is None:
         raise ValueError(f"{checkpoint}: the model has no Audio2AU modules (audio2au=false)")
     cache = MFCCCache(data)
-    probs, labels, valid, real, voice = [], [], [], [], []
+    probs, labels, valid, voice = [], [], [], []
     with torch.no_grad():
         for e in split_entries(data, split):
             arr = load_clip(data, e, ("au", "au_label"))
