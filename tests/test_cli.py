@@ -83,6 +83,9 @@ def test_sigint_mid_stream_leaves_playable_mp4(tiny_model_dir, tmp_path):
          str(DEMO_SPEECH), "--realtime", "--out", str(out), "--model", str(tiny_model_dir),
          "--backend", "cpu"],
         stderr=subprocess.PIPE, text=True,
+        # A test run started in the background (`make test &`) passes SIGINT on ignored, and
+        # Python then never raises KeyboardInterrupt: give the child the default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_until_streaming(proc)  # the realtime file takes 5 s; interrupt 1.5 s in
     proc.send_signal(signal.SIGINT)

@@ -248,6 +248,7 @@ def _interrupt_writer(tmp_path: Path, sig: int, mode: str) -> tuple[Path, int, s
     proc = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(path), mode],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see test_cli's SIGINT test
     )
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     time.sleep(0.3)  # mid-stream
