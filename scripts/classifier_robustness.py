@@ -22,8 +22,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from avatar_stream.training.checkpoint import CheckpointError, load_checkpoint
+from avatar_stream.training.checkpoint import CheckpointError
 from avatar_stream.training.data import AUFrameDataset, ShardError, _to_chw, load_clip, load_frames
+from avatar_stream.training.evaluate import load_au_classifier
 from avatar_stream.training.metrics import au_scores
 from avatar_stream.training.models import AUClassifier
 
@@ -76,14 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         ds = AUFrameDataset(args.data, "test", per_item=16)
-        models = []
-        for path in args.checkpoint:
-            cfg, states, _ = load_checkpoint(path)
-            if "au_classifier" not in states:
-                raise CheckpointError(f"{path} holds no au_classifier: pass a pretrain-au-classifier checkpoint")
-            clf = AUClassifier(cfg)
-            clf.load_state_dict(states["au_classifier"])
-            models.append((str(path), clf.eval()))
+        models = [(str(path), load_au_classifier(path)) for path in args.checkpoint]
     except (ShardError, CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         print(f"classifier_robustness: {e}", file=sys.stderr)
         return 2

@@ -52,16 +52,21 @@ class EvalOptions:
     progress: bool = True
 
 
-def _load_classifier(opts: EvalOptions) -> AUClassifier | None:
-    path = opts.au_classifier or opts.checkpoint
+def load_au_classifier(path: Path, required: bool = True) -> AUClassifier | None:
+    """The ``au_classifier`` of checkpoint ``path``, built from its config, in eval mode; None
+    where it holds none and ``required`` is False (else a one-line ValueError)."""
     cfg, states, _ = load_checkpoint(path)
     if "au_classifier" not in states:
-        if opts.au_classifier is not None:
+        if required:
             raise ValueError(f"{path} holds no au_classifier: pass a pretrain-au-classifier or train checkpoint")
         return None
     clf = AUClassifier(cfg)
     clf.load_state_dict(states["au_classifier"])
     return clf.eval()
+
+
+def _load_classifier(opts: EvalOptions) -> AUClassifier | None:
+    return load_au_classifier(opts.au_classifier or opts.checkpoint, required=opts.au_classifier is not None)
 
 
 def _corpus(data: Path) -> str | None:
