@@ -6,7 +6,7 @@
 
 Both models are scored on the same corpus test split and the same real clips
 (``training.scorecard.score``); where their AU classifiers differ, the shipped model's
-generated frames are judged again by the candidate's classifier, so that generated-frame AU
+generated frames are also judged by the candidate's classifier, so that generated-frame AU
 F1 compares the generators under one judge. Exit status 0: the candidate beats the shipped weights
 (``scorecard.beats``: no figure regresses past its tolerance and at least one improves by
 its margin) and may replace pkg/starter; 1: it does not (the reasons are
@@ -25,7 +25,6 @@ from avatar_stream.training.scorecard import (
     ScoreOptions,
     beats,
     headline,
-    rejudge_generated,
     same_classifier,
     score,
 )
@@ -55,14 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("candidate", args.checkpoint, args.model)]
     if not args.no_shipped:
         runs.append(("shipped", args.shipped_checkpoint, args.shipped_model))
-    opts = {}
+    # One judge for both generators: where the classifiers differ, the candidate's also scores
+    # the shipped model's generated frames.
+    judge = None if args.no_shipped or same_classifier(args.checkpoint, args.shipped_checkpoint) else args.checkpoint
     for name, ckpt, model in runs:
-        opts[name] = ScoreOptions(checkpoint=ckpt, model_dir=model, data=args.data, clips=tuple(args.clips),
-                                  max_clips=args.max_clips)
-        res[name] = score(opts[name])
-    if "shipped" in res and not same_classifier(args.checkpoint, args.shipped_checkpoint):
-        # One judge for both generators: the shipped frames re-scored by the candidate's classifier.
-        rejudge_generated(res["shipped"], args.checkpoint, opts["shipped"])
+        res[name] = score(ScoreOptions(checkpoint=ckpt, model_dir=model, data=args.data, clips=tuple(args.clips),
+                                       max_clips=args.max_clips, judge=judge if name == "shipped" else None))
+    if judge is not None:
         print(f"generated_au_f1: both models judged by the candidate's classifier (the shipped one's own: "
               f"{res['shipped']['generator']['au_f1_own_classifier']:.4f})")
     c = headline(res["candidate"])

@@ -18,8 +18,7 @@ from avatar_stream.training.scorecard import (
     audio2au_f1,
     beats,
     headline,
-    rejudge_generated,
-    same_classifier,
+        same_classifier,
     score,
 )
 
@@ -97,8 +96,8 @@ def _tiny_corpus(root, n=9):
 
 
 def test_generated_frames_of_two_models_are_judged_by_one_classifier(tmp_path):
-    """same_classifier compares the classifiers' weights and options; rejudge_generated
-    re-scores a model's generated frames with another checkpoint's classifier (what
+    """same_classifier compares the classifiers' weights and options; ScoreOptions.judge scores
+    a model's generated frames with another checkpoint's classifier as well (what
     compare_starter does when the candidate brings a new classifier)."""
     _tiny_corpus(tmp_path / "data")
     torch.manual_seed(0)
@@ -110,9 +109,8 @@ def test_generated_frames_of_two_models_are_judged_by_one_classifier(tmp_path):
     sym = ckpt("sym", clf_a, dataclasses.replace(cfg, au_clf_symmetric=True))
     assert same_classifier(a, a2) and not same_classifier(a, b) and not same_classifier(a, sym)
     opts = ScoreOptions(checkpoint=a, model_dir=None, data=tmp_path / "data")
-    res = score(opts)
-    own = res["generator"]["au_f1"]
-    rejudge_generated(res, b, opts)
+    own = score(opts)["generator"]["au_f1"]
+    res = score(dataclasses.replace(opts, judge=b))
     by_b = evaluate(EvalOptions(data=tmp_path / "data", checkpoint=a, au_classifier=b, face_metrics=False,
                                 progress=False))["au_generated"]["mean_f1"]
     assert res["generator"]["au_f1_own_classifier"] == own and res["generator"]["au_judge"] == str(b)

@@ -45,6 +45,9 @@ class EvalOptions:
     checkpoint: Path
     split: str = "test"
     au_classifier: Path | None = None
+    # Another checkpoint's AU classifier, scoring the generated frames in the same pass as the
+    # model's own ("au_generated_by_judge"; only where there is an own classifier).
+    judge: Path | None = None
     max_clips: int | None = None
     face_metrics: bool = True
     face_every: int = 1
@@ -84,7 +87,7 @@ class _Acc:
 
     def __init__(self):
         self.psnr, self.ssim, self.lmd, self.idsim = [], [], [], []
-        self.gen_p, self.real_p, self.labels, self.valid = [], [], [], []
+        self.gen_p, self.real_p, self.labels, self.valid, self.judge_p = [], [], [], [], []
 
 
 def _face_scores(fm: FaceMetrics, acc: _Acc, identity: torch.Tensor, real: np.ndarray, gen: np.ndarray,
@@ -106,6 +109,7 @@ def evaluate(opts: EvalOptions) -> dict:
     clf = _load_classifier(opts)
     if clf is not None:
         clf.to(dev)
+    judge = None if opts.judge is None else load_au_classifier(opts.judge).to(dev)
     ds = ClipDataset(opts.data, opts.split, context=model.cfg.lookahead_frames, clip_len=None)
     n_clips = len(ds) if opts.max_clips is None else min(len(ds), opts.max_clips)
     fm = FaceMetrics() if opts.face_metrics else None
@@ -122,6 +126,8 @@ def evaluate(opts: EvalOptions) -> dict:
                 acc.real_p.append(torch.sigmoid(clf(clf.inputs(s.frames.to(dev), ident))).cpu().numpy())
                 acc.labels.append(s.au_label.numpy())
                 acc.valid.append(np.isfinite(s.au.numpy()))
+                if judge is not None:
+                    acc.judge_p.append(torch.sigmoid(judge(judge.inputs(pred.to(dev), ident))).cpu().numpy())
             if fm is not None:
                 _face_scores(fm, acc, s.identity, _u8(s.frames), _u8(pred), opts.face_every)
     return _results(opts, acc, n_clips)
@@ -144,6 +150,8 @@ def _results(opts: EvalOptions, acc: _Acc, n_clips: int) -> dict:
             res["au_generated"] = au_scores(np.concatenate(acc.gen_p), labels, valid).to_dict()
             res["au_real"] = au_scores(np.concatenate(acc.real_p), labels, valid).to_dict()
             res["au_note"] = None
+            if acc.judge_p:
+                res["au_generated_by_judge"] = au_scores(np.concatenate(acc.judge_p), labels, valid).to_dict()
     return res
 
 

@@ -32,6 +32,9 @@ class ScoreOptions:
     data: Path  # corpus with a test split (avatar-train synth)
     clips: tuple[Path, ...] = ()  # real talking-face videos (GRID)
     max_clips: int | None = None  # generator figures on the first N test clips only
+    # Another checkpoint whose AU classifier judges the generated frames for ``generator.au_f1``
+    # (the model's own classifier's figure then goes to ``generator.au_f1_own_classifier``).
+    judge: Path | None = None
     progress: bool = False
 
 
@@ -72,9 +75,13 @@ def score(opts: ScoreOptions) -> dict:
 
     res = {"checkpoint": str(opts.checkpoint), "audio2au": audio2au_f1(opts.checkpoint, opts.data)}
     ev = evaluate(EvalOptions(data=opts.data, checkpoint=opts.checkpoint, max_clips=opts.max_clips,
-                              face_metrics=False, progress=opts.progress))
+                              judge=opts.judge, face_metrics=False, progress=opts.progress))
     res["generator"] = {k: ev[k] for k in ("clips", "frames", "psnr", "ssim")}
     res["generator"]["au_f1"] = (ev["au_generated"] or {}).get("mean_f1")
+    if opts.judge is not None:
+        res["generator"]["au_f1_own_classifier"] = res["generator"]["au_f1"]
+        res["generator"]["au_f1"] = (ev.get("au_generated_by_judge") or {}).get("mean_f1")
+        res["generator"]["au_judge"] = str(opts.judge)
     res["classifier"] = ev["au_real"]
     if opts.model_dir is not None and opts.clips:
         from .mouth_eval import MouthEvalOptions, evaluate_mouth
@@ -86,7 +93,9 @@ def score(opts: ScoreOptions) -> dict:
 
 def same_classifier(a: Path, b: Path) -> bool:
     """Whether checkpoints ``a`` and ``b`` hold the same AU classifier (weights and the
-    ``au_clf_*`` options): the same judge of generated frames."""
+    ``au_clf_*`` options): the same judge of generated frames. Generated-frame AU F1 measures
+    a generator only with the judge held fixed: models with different classifiers are compared
+    under one of them (``ScoreOptions.judge``; :func:`beats` reads ``generator.au_f1``)."""
     (cfg_a, st_a, _), (cfg_b, st_b, _) = load_checkpoint(a), load_checkpoint(b)
     ca, cb = st_a.get("au_classifier"), st_b.get("au_classifier")
     if ca is None or cb is None or ca.keys() != cb.keys():
@@ -94,22 +103,6 @@ def same_classifier(a: Path, b: Path) -> bool:
     options = [f.name for f in dataclasses.fields(cfg_a) if f.name.startswith("au_clf_")]
     return (all(getattr(cfg_a, f) == getattr(cfg_b, f) for f in options)
             and all(torch.equal(ca[k], cb[k]) for k in ca))
-
-
-def rejudge_generated(res: dict, judge: Path, opts: ScoreOptions) -> None:
-    """Re-score ``res``'s generated frames (the model of ``opts.checkpoint``) with ``judge``'s
-    AU classifier, in place: ``generator.au_f1`` becomes that figure and the model's own
-    classifier's figure moves to ``generator.au_f1_own_classifier``. Generated-frame AU F1
-    measures a generator only with the judge held fixed: two models with different
-    classifiers are compared under one of them (:func:`beats` reads ``au_f1``)."""
-    from .evaluate import EvalOptions, evaluate
-
-    ev = evaluate(EvalOptions(data=opts.data, checkpoint=opts.checkpoint, au_classifier=judge,
-                              max_clips=opts.max_clips, face_metrics=False, progress=opts.progress))
-    gen = res["generator"]
-    gen["au_f1_own_classifier"] = gen["au_f1"]
-    gen["au_f1"] = (ev["au_generated"] or {}).get("mean_f1")
-    gen["au_judge"] = str(judge)
 
 
 def headline(res: dict) -> dict[str, float | None]:
@@ -172,4 +165,4 @@ def beats(candidate: dict, shipped: dict) -> tuple[bool, list[str]]:
     return not why, why if why else better
 
 
-__all__ = ["ScoreOptions", "audio2au_f1", "beats", "headline", "rejudge_generated", "same_classifier", "score"]
+__all__ = ["ScoreOptions", "audio2au_f1", "beats", "headline", "same_classifier", "score"]
