@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from avatar_stream import DEMO_FACE, DEMO_SPEECH, __version__
 from avatar_stream.engine import timebase as tb
+from avatar_stream.engine.model import FRAME_BACKENDS
 
 
 def _feeds(model, batch: int) -> dict[str, dict[str, np.ndarray]]:
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avatar-bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="exported model dir (default: the starter)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument("--frame-backend", default="cpu", choices=FRAME_BACKENDS,
+                   help="where the frame graph runs: cpu (default) or the same as --backend")
     p.add_argument("--renderer", default="neural", choices=("neural", "warp"))
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes for the per-graph table")
     p.add_argument("--repeat", type=int, default=30)
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if min(batches) < 1 or args.repeat < 1 or not args.seconds * tb.SAMPLE_RATE >= tb.SAMPLES_PER_FRAME:
             raise ValueError("--batch sizes and --repeat must be at least 1, --seconds at least one "
                              f"frame ({1 / tb.FPS} s)")
-        engine = Engine(args.model, backend=args.backend, renderer=args.renderer)
+        engine = Engine(args.model, backend=args.backend, renderer=args.renderer, frame_backend=args.frame_backend)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"avatar-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -147,12 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result = {
         "version": __version__, "model": str(engine.model.model_dir), "backend": engine.backend,
-        "providers": list(engine.model.providers), "precision": engine.model.card.precision,
+        "providers": list(engine.model.providers), "frame_providers": list(engine.model.frame.providers),
+        "precision": engine.model.card.precision,
         "renderer": args.renderer, "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "latency_ms_algorithmic": engine.latency.ms,
         "graphs": graphs, "stream": stream, "many_streams": many, "peak_rss_mb": peak_mb,
     }
-    print(f"model {result['model']}  backend {result['backend']}  precision {result['precision']}")
+    print(f"model {result['model']}  backend {result['backend']} (frame graph: "
+          f"{result['frame_providers'][0]})  precision {result['precision']}")
     print(f"{'graph':<15}{'batch':>6}{'p50 ms':>10}{'p99 ms':>10}{'ms/item':>10}")
     for r in graphs:
         print(f"{r['graph']:<15}{r['batch']:>6}{r['ms_p50']:>10.2f}{r['ms_p99']:>10.2f}{r['ms_per_item']:>10.2f}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from avatar_stream import __version__
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, parse_gate
+from avatar_stream.engine.model import FRAME_BACKENDS
 
 log = logging.getLogger("avatar_stream")
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-out", default=None, metavar="DEVICE",
                    help="play the input audio on DEVICE delayed by the engine's latency (A/V sync for calls)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument("--frame-backend", default="cpu", choices=FRAME_BACKENDS,
+                   help="where the audio graph (MFCC + Audio2AU LSTMs) runs: cpu (default; faster than a GPU "
+                        "for it, see docs/export.md) or the same as --backend")
     p.add_argument("--model", type=Path, default=None,
                    help="exported model directory (avatar-export --out); default: the shipped starter")
     p.add_argument("--renderer", default="neural", choices=("neural", "warp"),
@@ -160,10 +164,12 @@ def run(args) -> int:
 
     face_path = args.face if args.face is not None else DEMO_FACE
     photo = read_image(face_path)
-    engine = Engine(args.model, backend=args.backend, renderer=args.renderer, noise_gate_dbfs=gate)
+    engine = Engine(args.model, backend=args.backend, renderer=args.renderer, noise_gate_dbfs=gate,
+                    frame_backend=args.frame_backend)
     card = engine.model.card
     log.info("model: %s (checkpoint %s, %s)", engine.model.model_dir, card.checkpoint_sha256[:12], card.precision)
-    log.info("backend: %s (providers: %s)", engine.backend, ", ".join(engine.model.providers))
+    log.info("backend: %s (providers: %s; frame graph on %s)", engine.backend, ", ".join(engine.model.providers),
+             engine.model.frame.providers[0])
     log.info("noise gate: %s", f"{gate:g} dBFS (--noise-gate)" if gate is not None else "off")
     log.info("algorithmic latency: %.1f ms from a frame's first audio sample to its earliest display "
              "(frame %.0f ms + MFCC window lookahead %.1f ms + TCSAN lookahead %d frames = %.0f ms)",

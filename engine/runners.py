@@ -17,6 +17,7 @@ import ctypes.util
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -138,6 +139,20 @@ def trt_cache_key() -> str:
     return f"{_slug(gpu_name() or 'no-gpu')}_trt{tensorrt_version() or 'none'}"
 
 
+def writable_dir(preferred: Path) -> Path:
+    """``preferred`` when it can be created and written, else a folder of the same name under
+    the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``)/avatar-stream, keyed by the preferred
+    path: the starter model lives in a read-only site-packages on many installs."""
+    probe = preferred
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if os.access(probe, os.W_OK | os.X_OK):
+        return preferred
+    key = hashlib.sha256(str(preferred.resolve()).encode()).hexdigest()[:10]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "avatar-stream" / f"{preferred.parent.name}-{key}" / preferred.name
+
+
 # ---------------------------------------------------------------------------- onnxruntime
 
 
@@ -155,7 +170,7 @@ def _ort_providers(backend: str, card: ModelCard, onnx_path: Path, cache_dir: Pa
     if backend in ("cuda", "tensorrt"):
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": 0}))
     if backend == "tensorrt":
-        cache = (cache_dir or onnx_path.parent / "trt_cache") / trt_cache_key()
+        cache = (cache_dir or writable_dir(onnx_path.parent / "trt_cache")) / trt_cache_key()
         cache.mkdir(parents=True, exist_ok=True)
         opts = {
             "device_id": 0,
@@ -259,7 +274,7 @@ def _cuda(result):
 def engine_paths(onnx_path: str | Path, precision: str, engine_dir: str | Path | None = None) -> tuple[Path, Path]:
     """Engine file and its sidecar JSON for a graph: ``<dir>/tensorrt/<stem>.<precision>.engine``."""
     p = Path(onnx_path)
-    d = Path(engine_dir) if engine_dir else p.parent / "tensorrt"
+    d = Path(engine_dir) if engine_dir else writable_dir(p.parent / "tensorrt")
     engine = d / f"{p.stem}.{precision}.engine"
     return engine, engine.with_suffix(".engine.json")
 
@@ -464,11 +479,14 @@ class TrtRunner:
 
 def available_backends() -> tuple[str, ...]:
     """Backends that can run here, best first: ``trt`` (standalone TensorRT), then the
-    onnxruntime providers ``tensorrt``, ``cuda``, ``cpu``."""
+    onnxruntime providers ``tensorrt``, ``cuda``, ``cpu``. onnxruntime-gpu lists its TensorRT
+    provider whether or not libnvinfer is installed (seen on an H100 without TensorRT: the
+    session then fell back to CUDA), so ``tensorrt`` also needs the library to be found."""
     import onnxruntime as ort
 
     have = set(ort.get_available_providers())
-    found = [b for b in ("tensorrt", "cuda", "cpu") if ORT_BACKENDS[b] in have]
+    found = [b for b in ("tensorrt", "cuda", "cpu") if ORT_BACKENDS[b] in have
+             and (b != "tensorrt" or tensorrt_version() is not None)]
     try:
         _import_trt()
         if gpu_name() is not None:

@@ -23,8 +23,11 @@ input is finished (the window is then zero-padded, as offline). Features of fram
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,14 +99,16 @@ class Engine:
 
     ``noise_gate_dbfs``: frames whose audio window stays below this level get the features
     of digital silence (engine/gate.py), so room noise does not move the mouth; None = off.
+    ``frame_backend``: where the frame graph runs, ``cpu`` (default) or ``same`` as ``backend``
+    (engine/model.py says why).
     """
 
     def __init__(self, model_dir: str | Path | None = None, backend: str = "auto",
                  renderer: str = "neural", face_aligner: FaceAligner | None = None,
-                 noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS):
+                 noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS, frame_backend: str = "cpu"):
         if renderer not in ("neural", "warp"):
             raise ValueError(f"unknown renderer {renderer!r}: use 'neural' or 'warp'")
-        self.model: LoadedModel = load_model(model_dir, backend)
+        self.model: LoadedModel = load_model(model_dir, backend, frame_backend)
         self.renderer = renderer
         self.aligner = face_aligner or FaceAligner()
         self.lookahead_frames: int = self.model.lookahead_frames
@@ -147,16 +152,36 @@ class Engine:
         return Stream(self, face, output_size=output_size, crop_only=crop_only)
 
 
+def _prefetch_features(engine: Engine, streams: list[Stream]) -> None:
+    """The features every stream's next frame still needs, all streams in one frame-graph
+    call (the graph is per-window, so batching does not change what a stream gets)."""
+    plans = [(s, s._missing_features(max(s._window_frames(s.next_frame)))) for s in streams]
+    plans = [(s, todo) for s, todo in plans if todo]
+    if not plans:
+        return
+    t0 = time.perf_counter()
+    feat, au = engine.frame_features(np.stack([s._window(j) for s, todo in plans for j in todo]))
+    seconds = time.perf_counter() - t0
+    n = 0
+    for s, todo in plans:
+        s._store_features(todo, feat[n : n + len(todo)], au[n : n + len(todo)], seconds)
+        n += len(todo)
+
+
 def step_many(streams: list[Stream]) -> list[Frame | None]:
-    """One frame from each ready stream, the decoders batched into one call (many sessions
-    on one GPU). All streams must share one Engine. Returns None for streams not ready."""
+    """One frame from each ready stream, the frame graphs and the decoders each batched into
+    one call (many sessions on one GPU). All streams must share one Engine. Returns None for
+    streams not ready."""
     if not streams:
         return []
     engine = streams[0].engine
     if any(s.engine is not engine for s in streams):
         raise ValueError("step_many: all streams must come from the same Engine")
+    if len({id(s) for s in streams}) != len(streams):
+        raise ValueError("step_many: a stream appears twice in the list; pass each once")
     t0 = time.perf_counter()
     ready = [i for i, s in enumerate(streams) if s.is_ready()]
+    _prefetch_features(engine, [streams[i] for i in ready])
     begun = {i: streams[i]._begin_step() for i in ready}
     t1 = time.perf_counter()
     crops: dict[int, np.ndarray] = {}
@@ -169,10 +194,23 @@ def step_many(streams: list[Stream]) -> list[Frame | None]:
         for i, crop in zip(neural, engine.model.decode(feats, f_id, skips), strict=True):
             crops[i] = crop
     out: list[Frame | None] = [None] * len(streams)
-    for i in ready:
+
+    def finish(i: int) -> Frame:
         k, _, window_au = begun[i]
-        out[i] = streams[i]._finish_step(k, crops.get(i), window_au, t0, t1)
+        return streams[i]._finish_step(k, crops.get(i), window_au, t0, t1)
+
+    # Paste-back at the photo's size is per stream (about 0.4 ms at 512x512) and OpenCV
+    # releases the GIL: with many streams it runs on threads. Each stream's state is touched by
+    # one thread only; warp renderers may share a face, so they stay on this thread.
+    threaded = len(ready) > 1 and len(crops) == len(ready)
+    for i, frame in zip(ready, _paste_pool().map(finish, ready) if threaded else map(finish, ready), strict=True):
+        out[i] = frame
     return out
+
+
+@functools.cache
+def _paste_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="avatar-paste")
 
 
 class Stream:
@@ -272,27 +310,36 @@ class Stream:
             out[lo - start : hi - start] = self._buf[lo - self._buf_start : hi - self._buf_start]
         return out
 
-    def _ensure_features(self, upto: int) -> None:
-        """Compute (once) the features of every frame <= ``upto`` not yet cached, batched."""
+    def _missing_features(self, upto: int) -> list[int]:
+        """Frames <= ``upto`` whose features are not cached yet (and can still be needed)."""
         first = max(self._feats.keys(), default=-1) + 1
         first = max(first, self._next_out - self.engine.lookahead_frames, 0)
-        todo = [j for j in range(first, upto + 1) if j not in self._feats]
+        return [j for j in range(first, upto + 1) if j not in self._feats]
+
+    def _store_features(self, todo: list[int], feat: np.ndarray, au: np.ndarray, seconds: float) -> None:
+        for i, j in enumerate(todo):
+            self._feats[j] = (feat[i], au[i])
+        self.times.features.append(seconds)
+
+    def _ensure_features(self, upto: int) -> None:
+        """Compute (once) the features of every frame <= ``upto`` not yet cached, batched."""
+        todo = self._missing_features(upto)
         if not todo:
             return
         t0 = time.perf_counter()
-        windows = np.stack([self._window(j) for j in todo])
-        feat, au = self.engine.frame_features(windows)
-        for i, j in enumerate(todo):
-            self._feats[j] = (feat[i], au[i])
-        self.times.features.append(time.perf_counter() - t0)
+        feat, au = self.engine.frame_features(np.stack([self._window(j) for j in todo]))
+        self._store_features(todo, feat, au, time.perf_counter() - t0)
 
-    def _feature_window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features and AU probabilities of frames k-R..k+R, edge-replicated at both ends."""
+    def _window_frames(self, k: int) -> list[int]:
+        """Frames k-R..k+R, edge-replicated at both ends of the utterance."""
         r = self.engine.lookahead_frames
         last = tb.num_frames(self._received) - 1 if self._finished else None
         idx = [max(j, 0) for j in range(k - r, k + r + 1)]
-        if last is not None:
-            idx = [min(j, last) for j in idx]
+        return idx if last is None else [min(j, last) for j in idx]
+
+    def _feature_window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and AU probabilities of frames k-R..k+R, edge-replicated at both ends."""
+        idx = self._window_frames(k)
         self._ensure_features(max(idx))
         return np.stack([self._feats[j][0] for j in idx]), np.stack([self._feats[j][1] for j in idx])
 

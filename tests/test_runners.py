@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,53 @@ def test_make_runner_and_backends(tiny_export):
     assert isinstance(make_runner(tiny_export.out / "frame.onnx", "cpu"), OrtRunner)
     with pytest.raises(RunnerError, match="unknown backend 'gpu'"):
         make_runner(tiny_export.out / "frame.onnx", "gpu")
+
+
+def test_ort_tensorrt_provider_needs_libnvinfer(monkeypatch):
+    """onnxruntime-gpu lists its TensorRT provider without TensorRT installed (seen on an H100:
+    the session then ran CUDA): ``tensorrt`` is offered only where libnvinfer is found."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runners, "_import_trt", lambda: (_ for _ in ()).throw(RunnerError("no tensorrt")))
+    monkeypatch.setattr(runners, "tensorrt_version", lambda: None)
+    assert runners.available_backends() == ("cuda", "cpu")
+    monkeypatch.setattr(runners, "tensorrt_version", lambda: "10.13.0")
+    assert runners.available_backends() == ("tensorrt", "cuda", "cpu")
+
+
+def test_load_model_never_runs_another_backend_than_asked(tiny_model_dir, monkeypatch):
+    """A backend named by the user must run as asked (onnxruntime would quietly fall back to
+    the CPU); ``auto`` goes on to the next backend whose sessions start. The frame graph is
+    on the CPU unless ``frame_backend="same"``."""
+    import onnxruntime as ort
+    from avatar_stream.engine import model as model_mod
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA runs here, so there is no fallback to observe")
+    monkeypatch.setattr(model_mod, "available_backends", lambda: ("cuda", "cpu"))
+    with pytest.raises(model_mod.BackendError, match="asked for CUDAExecutionProvider"):
+        model_mod.load_model(tiny_model_dir, "cuda", frame_backend="same")
+    with pytest.raises(model_mod.BackendError, match="asked for CUDAExecutionProvider"):
+        model_mod.load_model(tiny_model_dir, "cuda")  # the decoder still asks for CUDA
+    m = model_mod.load_model(tiny_model_dir, "auto")
+    assert m.backend == "cpu" and m.decoder.providers[0] == m.frame.providers[0] == "CPUExecutionProvider"
+    with pytest.raises(model_mod.BackendError, match="unknown frame backend 'gpu'"):
+        model_mod.load_model(tiny_model_dir, "cpu", frame_backend="gpu")
+
+
+def test_caches_go_to_the_user_cache_when_the_model_dir_is_read_only(tiny_export, tmp_path, monkeypatch):
+    """The starter lives in site-packages, often read-only: TensorRT caches move to
+    $XDG_CACHE_HOME/avatar-stream/<model folder>-<hash>/."""
+    d = tiny_export.out
+    assert runners.writable_dir(d / "tensorrt") == d / "tensorrt"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(runners.os, "access", lambda path, mode: Path(path) != d)
+    moved = runners.writable_dir(d / "tensorrt")
+    assert moved.parent.parent == tmp_path / "cache" / "avatar-stream" and moved.name == "tensorrt"
+    assert moved.parent.name.startswith(d.name + "-") and moved == runners.writable_dir(d / "tensorrt")
+    assert runners.engine_paths(d / "frame.onnx", "fp16")[0] == moved / "frame.fp16.engine"
 
 
 def test_trt_runner_without_tensorrt_says_what_to_install(tiny_export):

@@ -282,6 +282,37 @@ def test_step_many_batches_streams_like_single_steps(engine, speech):
         assert _max_diff(a, g) <= 1
 
 
+def test_step_many_live_batches_the_frame_graph_across_streams(engine, face, speech, offline, monkeypatch):
+    """Live use (one frame of audio per stream per round): each round's new windows of all
+    streams go through one frame-graph call, and every stream still gets the offline frames."""
+    from avatar_stream.engine.stream import step_many
+
+    calls: list[int] = []
+    real = engine.frame_features
+    monkeypatch.setattr(engine, "frame_features", lambda w: calls.append(len(w)) or real(w))
+    streams = [engine.create_stream(face, crop_only=True) for _ in range(3)]
+    got: list[list] = [[], [], []]
+    spf = tb.SAMPLES_PER_FRAME
+    for pos in range(0, len(speech), spf):
+        calls.clear()
+        for s in streams:
+            s.accept_waveform(speech[pos : pos + spf])
+        for i, fr in enumerate(step_many(streams)):
+            if fr is not None:
+                got[i].append(fr)
+        assert len(calls) <= 1  # one call per round for all three streams
+        if calls and pos > 10 * spf:
+            assert calls[0] % 3 == 0  # the same new windows of each stream, batched
+    for s in streams:
+        s.input_finished()
+    while any(s.is_ready() for s in streams):
+        for i, fr in enumerate(step_many(streams)):
+            if fr is not None:
+                got[i].append(fr)
+    for g in got:
+        assert _max_diff(offline, g) <= 1
+
+
 def test_limit_samples_does_not_wait_for_a_chunk_past_the_limit():
     """Once n samples were yielded the limit stops without pulling another chunk (a
     microphone or a silent stdin pipe would block on it)."""
