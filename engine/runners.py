@@ -194,12 +194,13 @@ class OrtRunner:
     ``backend`` is ``cpu``, ``cuda`` or ``tensorrt`` (the TensorRT execution provider, FP16 when
     ``fp16``, engines cached under ``cache_dir/<GPU>_trt<version>``). onnxruntime falls back to a
     later provider when one fails to load; that is logged and kept in ``fallback``, or raised
-    when ``require`` is true.
+    when ``require`` is true. ``threads``: intra-op threads (0 = one per core); ``spin=False``
+    lets them sleep between calls (for a CPU session that shares the process with GPU work).
     """
 
     def __init__(self, onnx_path: str | Path, backend: str = "cpu", *, cache_dir: str | Path | None = None,
                  fp16: bool = True, threads: int = 0, batch_max: int = DEFAULT_BATCH_MAX,
-                 require: bool = False) -> None:
+                 require: bool = False, spin: bool = True) -> None:
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -209,6 +210,8 @@ class OrtRunner:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if not spin:  # idle intra-op threads sleep instead of spinning on the cores others need
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(path), opts, providers=providers)
         self._providers = tuple(self._session.get_providers())
         self._outputs = self.card.output_names

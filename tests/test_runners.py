@@ -122,6 +122,33 @@ def test_load_model_never_runs_another_backend_than_asked(tiny_model_dir, monkey
         model_mod.load_model(tiny_model_dir, "cpu", frame_backend="gpu")
 
 
+def test_frame_graph_beside_a_gpu_gets_few_sleeping_threads(tiny_model_dir, monkeypatch):
+    """With the decoder on a GPU, the CPU frame session gets FRAME_CPU_THREADS threads that
+    do not spin (measured on an H100: spinning threads slowed the paste-back); on an all-CPU
+    backend it keeps onnxruntime's defaults. The non-spinning session computes the same."""
+    from avatar_stream.engine import model as model_mod
+
+    asked: list[tuple[str, str, dict]] = []
+
+    def fake(path, backend, **opts):
+        asked.append((Path(path).stem, backend, opts))
+        return OrtRunner(path, "cpu", **{k: v for k, v in opts.items() if k != "require"})
+
+    monkeypatch.setattr(model_mod, "make_runner", fake)
+    monkeypatch.setattr(model_mod, "resolve_backend", lambda b: b)
+    model_mod.load_model(tiny_model_dir, "cuda")
+    assert asked == [("identity", "cuda", {"require": True}),
+                     ("frame", "cpu", {"require": True, "threads": model_mod.FRAME_CPU_THREADS, "spin": False}),
+                     ("tcsan_decoder", "cuda", {"require": True})]
+    asked.clear()
+    model_mod.load_model(tiny_model_dir, "cpu")
+    assert all(opts == {"require": True} for _, _, opts in asked)
+    pcm = (0.1 * np.random.default_rng(0).standard_normal((3, 4720))).astype(np.float32)
+    a = OrtRunner(tiny_model_dir / "frame.onnx").run({"pcm": pcm})
+    b = OrtRunner(tiny_model_dir / "frame.onnx", threads=2, spin=False).run({"pcm": pcm})
+    assert all(np.abs(a[k] - b[k]).max() <= 1e-6 for k in a)
+
+
 def test_caches_go_to_the_user_cache_when_the_model_dir_is_read_only(tiny_export, tmp_path, monkeypatch):
     """The starter lives in site-packages, often read-only: TensorRT caches move to
     $XDG_CACHE_HOME/avatar-stream/<model folder>-<hash>/."""
