@@ -311,6 +311,8 @@ def test_step_many_live_batches_the_frame_graph_across_streams(engine, face, spe
                 got[i].append(fr)
     for g in got:
         assert _max_diff(offline, g) <= 1
+    with pytest.raises(ValueError, match="appears twice"):
+        step_many([streams[0], streams[1], streams[0]])
 
 
 def test_limit_samples_does_not_wait_for_a_chunk_past_the_limit():
