@@ -125,7 +125,10 @@ def test_pretrain_init_starts_a_new_run_from_a_checkpoint(corpus, tmp_path, caps
 
 def test_resume_mid_epoch_gives_the_same_next_losses(corpus, tmp_path):
     # 2 train clips x 6 windows of 2 frames = 12 samples, batch 2: 6 steps per epoch, so step 2
-    # is mid-epoch and steps 3..4 must match an uninterrupted run exactly.
+    # is mid-epoch and steps 3..4 must match an uninterrupted run exactly. On CUDA (--device
+    # auto picks it) cuDNN's backward kernels are not bit-reproducible: on an H100 step 3
+    # differed by 4e-6 relative, so there the match is to 1e-5 (a wrong data order or RNG
+    # state changes the loss by ~1e-2, see a[3] != a[4]).
     args = ["--data", str(corpus), "--batch", "2", "--clip-len", "2", "--no-vgg", "--log-every", "1",
             "--ckpt-every", "100", "--seed", "7", *MODEL, *FAST]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -136,7 +139,8 @@ def test_resume_mid_epoch_gives_the_same_next_losses(corpus, tmp_path):
     assert main(["train", "--out", str(part), "--steps", "4", "--resume", *args]) == 0
     a = {r["step"]: r["train/total"] for r in _log(full) if "train/total" in r}
     b = {r["step"]: r["train/total"] for r in _log(part) if "train/total" in r}
-    assert b[3] == a[3] and b[4] == a[4], (a, b)
+    tol = 1e-5 * abs(a[3]) if torch.cuda.is_available() else 0.0
+    assert abs(b[3] - a[3]) <= tol and abs(b[4] - a[4]) <= tol, (a, b)
     assert a[3] != a[4]  # a real sequence of different batches, not a constant
     # A different seed changes the data order and the initial weights: another loss.
     other = tmp_path / "other"
@@ -168,7 +172,8 @@ def test_cosine_schedule_resumes_exactly(corpus, tmp_path, monkeypatch):
     assert main([*args, "--out", str(part), "--resume"]) == 0
     a = {r["step"]: (r["train/total"], r["lr_factor"]) for r in _log(full) if "train/total" in r}
     b = {r["step"]: (r["train/total"], r["lr_factor"]) for r in _log(part) if "train/total" in r}
-    assert b[3] == a[3] and b[4] == a[4], (a, b)
+    tol = 1e-5 * abs(a[3]) if torch.cuda.is_available() else 0.0
+    assert abs(b[3] - a[3]) <= tol and abs(b[4] - a[4]) <= tol, (a, b)
     assert [a[s][1] for s in (1, 2, 3, 4)] == pytest.approx([lr_factor("cosine", s, 4) for s in range(4)])
 
 
