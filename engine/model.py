@@ -18,6 +18,8 @@ batched 993 -> 1290 fps there).
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,19 @@ BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
 FRAME_BACKENDS = ("cpu", "same")
 FRAME_CPU_THREADS = 4
 SKIPS = ("skip0", "skip1", "skip2", "skip3")
+
+log = logging.getLogger(__name__)
+
+
+def run_batched(runner: Runner, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``runner.run(feed)`` in pieces of at most ``runner.batch_limit`` along axis 0 (TensorRT
+    engines have one; many streams batched together can exceed it)."""
+    limit = runner.batch_limit
+    n = next(iter(feed.values())).shape[0]
+    if limit is None or n <= limit:
+        return runner.run(feed)
+    parts = [runner.run({k: v[i : i + limit] for k, v in feed.items()}) for i in range(0, n, limit)]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 
 class BackendError(RuntimeError):
@@ -95,12 +110,12 @@ class LoadedModel:
     def encode_identity(self, crops: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``crops`` RGB uint8 (B, 112, 112, 3) -> (f_id (B, 512), skip maps by name)."""
         face = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
-        out = self.identity.run({"face": face})
+        out = run_batched(self.identity, {"face": face})
         return out["f_id"], {k: out[k] for k in SKIPS}
 
     def frame_features(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """PCM windows (B, WINDOW_SAMPLES) -> (feat (B, D), au_prob (B, 5))."""
-        out = self.frame.run({"pcm": np.ascontiguousarray(windows, dtype=np.float32)})
+        out = run_batched(self.frame, {"pcm": np.ascontiguousarray(windows, dtype=np.float32)})
         return out["feat"], out["au_prob"]
 
     def decode(self, feats: np.ndarray, f_id: np.ndarray,
@@ -111,7 +126,7 @@ class LoadedModel:
         feed = {"feats": np.ascontiguousarray(feats, dtype=np.float32)}
         for name, arr in (("f_id", f_id), *skips.items()):
             feed[name] = np.repeat(arr, b, axis=0) if arr.shape[0] != b else arr
-        img = self.decoder.run(feed)["frame"]
+        img = run_batched(self.decoder, feed)["frame"]
         return to_uint8_hwc(img)
 
 
@@ -140,16 +155,20 @@ def load_model(model_dir: str | Path | None = None, backend: str = "auto",
         raise ModelCardError(f"{root}: window {card.window_samples} != {tb.WINDOW_SAMPLES}")
     candidates = [resolve_backend(backend)] if backend != "auto" else list(available_backends()) or ["cpu"]
     for n, runner_backend in enumerate(candidates):
+        runners: dict[str, Runner] = {}
         try:
-            runners = {}
             for g, f in GRAPH_FILES.items():
                 b = "cpu" if g == "frame" and frame_backend == "cpu" else runner_backend
                 opts: dict = {"require": True} if b in ORT_BACKENDS else {}
                 if b == "cpu" and runner_backend != "cpu":
-                    opts.update(threads=FRAME_CPU_THREADS, spin=False)
+                    opts.update(threads=min(FRAME_CPU_THREADS, os.cpu_count() or 1), spin=False)
                 runners[g] = make_runner(root / f, b, **opts)
         except RunnerError as e:
+            for r in runners.values():  # a standalone TensorRT runner holds device memory
+                r.close()
             if n + 1 < len(candidates):
+                log.warning("backend %s did not start (%s); trying %s", runner_backend,
+                            str(e).splitlines()[0], candidates[n + 1])
                 continue
             raise BackendError(str(e)) from e
         return LoadedModel(model_dir=root, backend=runner_backend, cards=cards,

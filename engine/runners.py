@@ -57,7 +57,12 @@ class Runner(Protocol):
     @property
     def providers(self) -> tuple[str, ...]: ...
 
+    @property
+    def batch_limit(self) -> int | None: ...
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
 
 
 def _feed(card: ModelCard, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,7 +129,10 @@ def tensorrt_version() -> str | None:
     for name in ("nvinfer", "nvinfer_10", "nvinfer_11"):
         lib = ctypes.util.find_library(name)
         if lib:
-            v = ctypes.CDLL(lib).getInferLibVersion()
+            try:
+                v = ctypes.CDLL(lib).getInferLibVersion()
+            except (OSError, AttributeError):  # found but not loadable: no TensorRT here
+                return None
             return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v >= 10000 else f"{v // 1000}.{v // 100 % 10}.{v % 100}"
     return None
 
@@ -141,14 +149,14 @@ def trt_cache_key() -> str:
 
 def writable_dir(preferred: Path) -> Path:
     """``preferred`` when it can be created and written, else a folder of the same name under
-    the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``)/avatar-stream, keyed by the preferred
-    path: the starter model lives in a read-only site-packages on many installs."""
+    the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``)/avatar-stream/<folder>-<hash of the
+    folder's path>: the starter model lives in a read-only site-packages on many installs."""
     probe = preferred
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if os.access(probe, os.W_OK | os.X_OK):
         return preferred
-    key = hashlib.sha256(str(preferred.resolve()).encode()).hexdigest()[:10]
+    key = hashlib.sha256(str(preferred.parent.resolve()).encode()).hexdigest()[:10]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "avatar-stream" / f"{preferred.parent.name}-{key}" / preferred.name
 
@@ -212,7 +220,12 @@ class OrtRunner:
         opts.log_severity_level = 3
         if not spin:  # idle intra-op threads sleep instead of spinning on the cores others need
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(path), opts, providers=providers)
+        try:
+            self._session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime's own errors (Fail, EPFail, ...) are plain Exceptions
+            raise RunnerError(f"{path.name}: onnxruntime could not start a {backend} session: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        self._batch_limit = int(batch_max) if backend == "tensorrt" else None
         self._providers = tuple(self._session.get_providers())
         self._outputs = self.card.output_names
         wanted = ORT_BACKENDS[backend]
@@ -238,6 +251,14 @@ class OrtRunner:
     @property
     def providers(self) -> tuple[str, ...]:
         return self._providers
+
+    @property
+    def batch_limit(self) -> int | None:
+        """Largest batch one call takes (the TensorRT provider's profile), None for no limit."""
+        return self._batch_limit
+
+    def close(self) -> None:
+        """Nothing to free by hand (the session goes with the object); here for symmetry."""
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; inputs and outputs keyed by ONNX name, float32."""
@@ -438,6 +459,11 @@ class TrtRunner:
     @property
     def providers(self) -> tuple[str, ...]:
         return (f"TensorRT {tensorrt_version()}",)
+
+    @property
+    def batch_limit(self) -> int | None:
+        """Largest batch one call takes (the engine's profile)."""
+        return self.batch_max
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; inputs and outputs keyed by ONNX name, float32."""

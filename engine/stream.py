@@ -210,7 +210,13 @@ def step_many(streams: list[Stream]) -> list[Frame | None]:
 
 @functools.cache
 def _paste_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="avatar-paste")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="avatar-paste")
+
+
+# A forked child inherits the pool object but not its threads: it would queue work forever.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_paste_pool.cache_clear)
 
 
 class Stream:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from avatar_stream.engine.card import (
 )
 from avatar_stream.engine.runners import OrtRunner, RunnerError, TrtRunner, make_runner
 
-RUNNER_PROPERTIES = ("input_names", "output_names", "providers")
+RUNNER_PROPERTIES = ("input_names", "output_names", "providers", "batch_limit")
 
 
 def _has_trt() -> bool:
@@ -46,7 +47,9 @@ def test_runners_expose_identical_signatures():
         assert isinstance(a, property) and isinstance(b, property), name
         assert inspect.signature(a.fget) == inspect.signature(b.fget), name
     # both satisfy the Protocol the engine codes against
-    assert {n for n, _ in inspect.getmembers(runners.Runner) if not n.startswith("_")} >= {"run", *RUNNER_PROPERTIES}
+    assert inspect.signature(OrtRunner.close) == inspect.signature(TrtRunner.close)
+    assert {n for n, _ in inspect.getmembers(runners.Runner) if not n.startswith("_")} >= {
+        "run", "close", *RUNNER_PROPERTIES}
 
 
 def test_ort_runner_cpu(tiny_export):
@@ -102,24 +105,60 @@ def test_ort_tensorrt_provider_needs_libnvinfer(monkeypatch):
     assert runners.available_backends() == ("tensorrt", "cuda", "cpu")
 
 
-def test_load_model_never_runs_another_backend_than_asked(tiny_model_dir, monkeypatch):
+def test_load_model_never_runs_another_backend_than_asked(tiny_model_dir, monkeypatch, caplog):
     """A backend named by the user must run as asked (onnxruntime would quietly fall back to
     the CPU); ``auto`` goes on to the next backend whose sessions start. The frame graph is
     on the CPU unless ``frame_backend="same"``."""
     import onnxruntime as ort
     from avatar_stream.engine import model as model_mod
 
+    with pytest.raises(model_mod.BackendError, match="unknown frame backend 'gpu'"):
+        model_mod.load_model(tiny_model_dir, "cpu", frame_backend="gpu")
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA runs here, so there is no fallback to observe")
     monkeypatch.setattr(model_mod, "available_backends", lambda: ("cuda", "cpu"))
-    with pytest.raises(model_mod.BackendError, match="asked for CUDAExecutionProvider"):
+    with pytest.raises(model_mod.BackendError, match="identity.onnx: asked for CUDAExecutionProvider"):
         model_mod.load_model(tiny_model_dir, "cuda", frame_backend="same")
-    with pytest.raises(model_mod.BackendError, match="asked for CUDAExecutionProvider"):
-        model_mod.load_model(tiny_model_dir, "cuda")  # the decoder still asks for CUDA
-    m = model_mod.load_model(tiny_model_dir, "auto")
+    with pytest.raises(model_mod.BackendError, match="identity.onnx: asked for CUDAExecutionProvider"):
+        model_mod.load_model(tiny_model_dir, "cuda")  # identity and decoder still ask for CUDA
+    with caplog.at_level("WARNING", logger="avatar_stream.engine.model"):
+        m = model_mod.load_model(tiny_model_dir, "auto")
     assert m.backend == "cpu" and m.decoder.providers[0] == m.frame.providers[0] == "CPUExecutionProvider"
-    with pytest.raises(model_mod.BackendError, match="unknown frame backend 'gpu'"):
-        model_mod.load_model(tiny_model_dir, "cpu", frame_backend="gpu")
+    assert "backend cuda did not start" in caplog.text and "trying cpu" in caplog.text
+
+
+def test_onnxruntime_session_errors_are_runner_errors(tmp_path, monkeypatch):
+    """onnxruntime raises its own Exception types (Fail, EPFail): the runner turns them into
+    RunnerError, so ``auto`` can go on to the next backend and the CLI prints one line."""
+    bad = tmp_path / "frame.onnx"
+    bad.write_bytes(b"not an onnx file")
+    monkeypatch.setattr(runners, "read_card", lambda path: None)  # reach the session without a card
+    with pytest.raises(RunnerError, match="frame.onnx: onnxruntime could not start a cpu session"):
+        OrtRunner(bad)
+
+
+def test_batches_over_a_runner_limit_are_split(tiny_model_dir):
+    """Engines with a batch limit (TensorRT profiles) get big batches in pieces; the result is
+    the same as one call."""
+    from avatar_stream.engine.model import load_model, run_batched
+
+    m = load_model(tiny_model_dir, "cpu")
+
+    class Limited:
+        batch_limit = 2
+        calls: list[int] = []
+
+        def run(self, feed):
+            n = next(iter(feed.values())).shape[0]
+            assert n <= 2
+            self.calls.append(n)
+            return m.frame.run(feed)
+
+    pcm = (0.1 * np.random.default_rng(1).standard_normal((5, 4720))).astype(np.float32)
+    want = m.frame.run({"pcm": pcm})
+    got = run_batched(Limited(), {"pcm": pcm})
+    assert Limited.calls == [2, 2, 1]
+    assert all(np.abs(got[k] - want[k]).max() <= 1e-6 for k in want)
 
 
 def test_frame_graph_beside_a_gpu_gets_few_sleeping_threads(tiny_model_dir, monkeypatch):
@@ -138,7 +177,8 @@ def test_frame_graph_beside_a_gpu_gets_few_sleeping_threads(tiny_model_dir, monk
     monkeypatch.setattr(model_mod, "resolve_backend", lambda b: b)
     model_mod.load_model(tiny_model_dir, "cuda")
     assert asked == [("identity", "cuda", {"require": True}),
-                     ("frame", "cpu", {"require": True, "threads": model_mod.FRAME_CPU_THREADS, "spin": False}),
+                     ("frame", "cpu", {"require": True, "threads": min(model_mod.FRAME_CPU_THREADS, os.cpu_count()),
+                                       "spin": False}),
                      ("tcsan_decoder", "cuda", {"require": True})]
     asked.clear()
     model_mod.load_model(tiny_model_dir, "cpu")
@@ -160,6 +200,9 @@ def test_caches_go_to_the_user_cache_when_the_model_dir_is_read_only(tiny_export
     assert moved.parent.parent == tmp_path / "cache" / "avatar-stream" and moved.name == "tensorrt"
     assert moved.parent.name.startswith(d.name + "-") and moved == runners.writable_dir(d / "tensorrt")
     assert runners.engine_paths(d / "frame.onnx", "fp16")[0] == moved / "frame.fp16.engine"
+    card = runners.read_card(d / "frame.onnx")
+    trt_ep = runners._ort_providers("tensorrt", card, d / "frame.onnx", None, True, 4)[0][1]
+    assert Path(trt_ep["trt_engine_cache_path"]).parent == moved.parent / "trt_cache"
 
 
 def test_trt_runner_without_tensorrt_says_what_to_install(tiny_export):

@@ -172,8 +172,8 @@ def test_cosine_schedule_resumes_exactly(corpus, tmp_path, monkeypatch):
     assert main([*args, "--out", str(part), "--resume"]) == 0
     a = {r["step"]: (r["train/total"], r["lr_factor"]) for r in _log(full) if "train/total" in r}
     b = {r["step"]: (r["train/total"], r["lr_factor"]) for r in _log(part) if "train/total" in r}
-    tol = 1e-5 * abs(a[3]) if torch.cuda.is_available() else 0.0
-    assert abs(b[3] - a[3]) <= tol and abs(b[4] - a[4]) <= tol, (a, b)
+    tol = 1e-5 * abs(a[3][0]) if torch.cuda.is_available() else 0.0  # cuDNN: see the test above
+    assert all(abs(b[s][0] - a[s][0]) <= tol and b[s][1] == a[s][1] for s in (3, 4)), (a, b)
     assert [a[s][1] for s in (1, 2, 3, 4)] == pytest.approx([lr_factor("cosine", s, 4) for s in range(4)])
 
 
