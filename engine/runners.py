@@ -223,8 +223,8 @@ class OrtRunner:
         try:
             self._session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime's own errors (Fail, EPFail, ...) are plain Exceptions
-            raise RunnerError(f"{path.name}: onnxruntime could not start a {backend} session: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RunnerError(f"{path.name}: onnxruntime could not start a {backend} session: {why}") from e
         self._batch_limit = int(batch_max) if backend == "tensorrt" else None
         self._providers = tuple(self._session.get_providers())
         self._outputs = self.card.output_names

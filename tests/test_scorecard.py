@@ -18,7 +18,7 @@ from avatar_stream.training.scorecard import (
     audio2au_f1,
     beats,
     headline,
-        same_classifier,
+    same_classifier,
     score,
 )
 
