@@ -123,6 +123,105 @@ def test_pretrain_init_starts_a_new_run_from_a_checkpoint(corpus, tmp_path, caps
     assert len(err) == 1 and f"not {module!r}" in err[0]
 
 
+@pytest.mark.parametrize("stage", ["pretrain-au", "pretrain-au-classifier"])
+def test_pretrain_teacher_mixes_into_the_targets(corpus, tmp_path, capsys, stage):
+    """``--teacher CKPT`` (distillation): a teacher of another width is read with its own config;
+    at ``--teacher-weight 0`` the run is exactly the run without a teacher (same batches, same
+    losses), at 1 the targets are the teacher's probabilities, so the losses differ."""
+    base = ["--data", str(corpus), "--batch", "2", "--steps", "2", "--log-every", "1", *MODEL, *FAST]
+    teacher = tmp_path / "teacher"
+    assert main([stage, *base, "--out", str(teacher), "--width", "0.125"]) == 0  # narrower than --tiny
+
+    def losses(name, *extra):
+        assert main([stage, *base, "--out", str(tmp_path / name), *extra]) == 0
+        return [r["train/bce"] for r in _log(tmp_path / name) if "train/bce" in r]
+
+    plain = losses("plain")
+    t = ["--teacher", str(teacher / "last.safetensors")]
+    assert losses("w0", *t, "--teacher-weight", "0") == plain
+    distilled = losses("w1", *t, "--teacher-weight", "1")
+    assert len(distilled) == 2 and all(a != b for a, b in zip(distilled, plain, strict=True))
+    _, _, extra = load_checkpoint(tmp_path / "w1" / "last")
+    assert extra["teachers"] == [str(teacher / "last.safetensors")] and extra["teacher_weight"] == 1.0
+    capsys.readouterr()
+    assert main([stage, *base, "--out", str(tmp_path / "bad"), "--teacher", str(tmp_path / "none.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--teacher" in err and "no such checkpoint" in err and "\n" not in err
+    assert main([stage, *base, "--out", str(tmp_path / "bad"), *t, "--teacher-weight", "1.5"]) == 2
+    assert "--teacher-weight 1.5" in capsys.readouterr().err
+
+
+def test_soft_labels_follow_the_intensities(tmp_path, astronaut):
+    """``--soft-labels TAU``: targets sigmoid((intensity - threshold) / TAU), on the right side of
+    0.5 exactly where the 0/1 label is 1; refused for labels that are not thresholded intensities."""
+    from avatar_stream.training.au_table import OCCURRENCE_THRESHOLDS, occurrence
+    from avatar_stream.training.data import AudioAUDataset, AUFrameDataset, load_clip
+
+    root = tmp_path / "soft"
+    base = cv2.resize(astronaut[20:300, 120:400], (112, 112), interpolation=cv2.INTER_AREA)
+    rng = np.random.default_rng(3)
+    for spk in ("s1", "s2"):
+        au = rng.uniform(0, 1, (FRAMES, 5)).astype(np.float32)
+        au[2, 1] = np.nan
+        write_clip(root, spk, "u0", np.repeat(base[None], FRAMES, 0),
+                   rng.normal(0, 0.1, FRAMES * SAMPLES_PER_FRAME).astype(np.float32), base,
+                   au=au, au_label=occurrence(au))
+    write_split(root, ["s1"], ["s2"])
+    tau = 0.05
+    for cls in (AUFrameDataset, AudioAUDataset):
+        ds = cls(root, "train", per_item=FRAMES, soft_labels=tau)
+        hard = cls(root, "train", per_item=FRAMES)
+        _, y, v = ds[0]
+        _, y0, v0 = hard[0]
+        assert torch.equal(v, v0)
+        idx = ds._frames(0, 0)
+        au = load_clip(root, ds.entries[0], ("au",))["au"][idx]
+        want = 1.0 / (1.0 + np.exp(-(np.nan_to_num(au) - np.asarray(OCCURRENCE_THRESHOLDS)) / tau))
+        known = v.numpy() > 0
+        assert np.allclose(y.numpy()[known], want[known], atol=1e-6)
+        assert np.array_equal((y.numpy() > 0.5)[known], y0.numpy()[known] > 0)
+        assert float(y[2, 1]) == 0.0 and float(v[2, 1]) == 0.0  # unknown stays out
+        assert 0 < float(y[known].min()) and float(y[known].max()) < 1 and not np.array_equal(y, y0)
+    with pytest.raises(ValueError, match="not its intensities"):
+        AUFrameDataset(corpus_root_with_other_thresholds(tmp_path, base), "train", soft_labels=tau)
+
+
+def corpus_root_with_other_thresholds(tmp_path: Path, base: np.ndarray) -> Path:
+    root = tmp_path / "other"
+    au = np.full((FRAMES, 5), 0.25, np.float32)  # past AU10's threshold (0.20), labelled 0
+    write_clip(root, "s1", "u0", np.repeat(base[None], FRAMES, 0), np.zeros(FRAMES * SAMPLES_PER_FRAME, np.float32),
+               base, au=au, au_label=au >= 0.3)
+    write_split(root, ["s1"], [])
+    return root
+
+
+def test_pretrain_init_widens_a_narrow_checkpoint(corpus, tmp_path, capsys):
+    """``--init`` with a narrower classifier: the new run starts from the same function."""
+    base = ["pretrain-au-classifier", "--data", str(corpus), "--batch", "2", "--tiny",
+            "--workers", "0", "--no-progress", "--val-batches", "1"]
+    assert main([*base, "--out", str(tmp_path / "narrow"), "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "wide"), "--steps", "1", "--lr", "0",
+                 "--set", "au_clf_width=0.25", "--init", str(tmp_path / "narrow" / "last.safetensors")]) == 0
+    assert "widened" in capsys.readouterr().err
+    from avatar_stream.training.models import AUClassifier
+
+    clfs = []
+    for run in ("narrow", "wide"):
+        cfg, states, _ = load_checkpoint(tmp_path / run / "last")
+        clf = AUClassifier(cfg).eval()
+        clf.load_state_dict(states["au_classifier"])
+        clfs.append(clf)
+    assert clfs[1].convs[0].out_channels > clfs[0].convs[0].out_channels
+    x = torch.rand(3, clfs[0].in_channels, 56, 112)
+    with torch.no_grad():
+        assert torch.allclose(clfs[0](x), clfs[1](x), atol=1e-5)
+    assert main([*base, "--out", str(tmp_path / "bad"), "--steps", "1", "--set", "au_clf_width=0.0625",
+                 "--init", str(tmp_path / "wide" / "last.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "narrower" in err and "\n" not in err
+
+
 def test_resume_mid_epoch_gives_the_same_next_losses(corpus, tmp_path):
     # 2 train clips x 6 windows of 2 frames = 12 samples, batch 2: 6 steps per epoch, so step 2
     # is mid-epoch and steps 3..4 must match an uninterrupted run exactly. On CUDA (--device

@@ -136,13 +136,24 @@ def _run_stage(args, fn, opts) -> int:
     return 0
 
 
+def _teacher_options(args) -> dict:
+    teachers = tuple(args.teacher or ())
+    for path in teachers:
+        if not path.with_suffix(".safetensors").is_file() and not path.is_file():
+            raise ValueError(f"--teacher {path}: no such checkpoint: pass a .safetensors of this stage")
+    _check_probability("--teacher-weight", args.teacher_weight)
+    if args.soft_labels < 0:
+        raise ValueError(f"--soft-labels {args.soft_labels}: give tau > 0 in AU intensity units (e.g. 0.03), or 0 for off")
+    return {"teachers": teachers, "teacher_weight": args.teacher_weight, "soft_labels": args.soft_labels}
+
+
 def cmd_pretrain_au(args) -> int:
     from .stages import PretrainOptions, pretrain_au
 
     _check_speech_options(args)
     return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr, balance=args.balance,
                                                          augment_speech=args.augment_speech, vtlp=args.vtlp,
-                                                         init=args.init))
+                                                         init=args.init, **_teacher_options(args)))
 
 
 def cmd_pretrain_au_classifier(args) -> int:
@@ -151,7 +162,7 @@ def cmd_pretrain_au_classifier(args) -> int:
     return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr,
                                                                     balance=args.balance,
                                                                     augment_images=args.augment_images,
-                                                                    init=args.init))
+                                                                    init=args.init, **_teacher_options(args)))
 
 
 def cmd_train(args) -> int:
@@ -234,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight positive labels by (1 - r) / r per AU (r = training occurrence rate)")
         s.add_argument("--init", type=Path, help=f"start from this {name} checkpoint's weights (new run, fresh "
                                                  "optimizer and step count; e.g. after the corpus changed)")
+        s.add_argument("--teacher", type=Path, action="append", metavar="CKPT",
+                       help=f"distil: a {name} checkpoint (any width; repeat for several) whose mean "
+                            "probability is mixed into the training targets")
+        s.add_argument("--teacher-weight", type=float, default=0.5, metavar="W",
+                       help="with --teacher: target = W * teachers' mean probability + (1 - W) * label "
+                            "(default 0.5)")
+        s.add_argument("--soft-labels", type=float, default=0.0, metavar="TAU",
+                       help="train on sigmoid((intensity - threshold) / TAU) instead of 0/1 occurrence labels "
+                            "(synthetic corpora, whose labels are thresholded intensities; e.g. 0.03; "
+                            "validation keeps the 0/1 labels)")
         if name == "pretrain-au":
             s.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
             s.add_argument("--vtlp", type=float, default=0.0, metavar="P", help=_VTLP_HELP)

@@ -84,6 +84,10 @@ class ModelConfig:
     # They are a few percent of the weights, and at a small ``width`` their LSTMs are the
     # part of the model that has to recognise phonemes across voices.
     a2a_width: float = 0.0
+    # Not in the paper (0 = use ``width``): channel multiplier of the AU classifier alone. A
+    # narrower classifier checkpoint can start a wider one (``pretrain-au-classifier --init``
+    # widens it without changing its outputs: ``training/widen.py``).
+    au_clf_width: float = 0.0
 
     def __post_init__(self) -> None:
         # JSON gives lists; the dataclass is frozen and hashable, so store a tuple.
@@ -118,6 +122,7 @@ class ModelConfig:
         need(self.fusion != "gru" or self.tcsan_hidden % 2 == 0,
              f"the bidirectional GRU needs an even tcsan_hidden, got {self.tcsan_hidden}")
         need(self.a2a_width >= 0, f"a2a_width must be >= 0 (0 = width), got {self.a2a_width}")
+        need(self.au_clf_width >= 0, f"au_clf_width must be >= 0 (0 = width), got {self.au_clf_width}")
         need(0.0 <= self.au_clf_dropout < 1.0, f"au_clf_dropout must be in [0, 1), got {self.au_clf_dropout}")
         for name in (f.name for f in fields(self) if f.name.startswith("w_")):  # the loss weights
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
@@ -130,6 +135,10 @@ class ModelConfig:
     def a2a_ch(self, n: int) -> int:
         """Audio2AU channel count ``n`` scaled by ``a2a_width`` (``width`` when 0; at least 4)."""
         return max(4, int(round(n * (self.a2a_width or self.width))))
+
+    def clf_ch(self, n: int) -> int:
+        """AU classifier channel count ``n`` scaled by ``au_clf_width`` (``width`` when 0; at least 4)."""
+        return max(4, int(round(n * (self.au_clf_width or self.width))))
 
     @property
     def n_au(self) -> int:

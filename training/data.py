@@ -417,13 +417,31 @@ class ClipDataset(Dataset):
                           au=torch.zeros(t, len(AU_NAMES)), au_label=torch.zeros(t, len(AU_NAMES)))
 
 
+def _soft_labels(au: np.ndarray, label: np.ndarray, known: np.ndarray, tau: float, entry: dict) -> np.ndarray:
+    from .au_table import OCCURRENCE_THRESHOLDS
+
+    thr = np.asarray(OCCURRENCE_THRESHOLDS, dtype=np.float32)
+    if np.any((au >= thr)[known] != (label > 0)[known]):
+        raise ValueError(f"{entry.get('path', entry)}: its AU labels are not its intensities over "
+                         f"OCCURRENCE_THRESHOLDS, so soft labels cannot be derived: drop --soft-labels")
+    z = np.where(known, (np.nan_to_num(au) - thr) / tau, -np.inf)
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid without overflow
+
+
 class _FrameChunks(Dataset):
     """Per-frame samples grouped ``per_item`` frames of one clip to an item, so that one clip
     read serves several frames. Chunk j of a clip holds frames ``j, j + m, j + 2m, ...`` (m =
     number of chunks, wrapping at the end): every frame is seen once per epoch, spread over
-    the utterance. Only clips with at least one labelled frame are kept."""
+    the utterance. Only clips with at least one labelled frame are kept.
 
-    def __init__(self, root, split: str, per_item: int):
+    ``soft_labels`` (tau > 0, training): instead of the 0/1 occurrence labels, the targets are
+    ``sigmoid((intensity - threshold) / tau)`` per AU (``OCCURRENCE_THRESHOLDS``): a frame just
+    past a threshold is a weaker positive than a wide-open mouth. Only for corpora whose labels
+    are thresholded intensities (the synthetic corpus; checked)."""
+
+    def __init__(self, root, split: str, per_item: int, soft_labels: float = 0.0):
+        if soft_labels < 0:
+            raise ValueError(f"soft labels need tau > 0 (intensity units), got {soft_labels}")
         self.root = Path(root)
         self.per_item = per_item
         self.entries = []
@@ -433,7 +451,10 @@ class _FrameChunks(Dataset):
             known = np.isfinite(arr["au"])
             if known.any():
                 self.entries.append(e)
-                self._labels.append((arr["au_label"].astype(np.float32), known))
+                lab = arr["au_label"].astype(np.float32)
+                if soft_labels:
+                    lab = _soft_labels(arr["au"], lab, known, soft_labels, e)
+                self._labels.append((lab, known))
         if not self.entries:
             raise ShardError(f"{self.root} ({split}) has no AU labels: prepare with --openface DIR, "
                              f"or use a synthetic corpus, which carries labels")
@@ -498,8 +519,8 @@ class AUFrameDataset(_FrameChunks):
     :func:`_image_jitter_full` (position, scale, rotation, blur, noise), then the same."""
 
     def __init__(self, root, split: str, per_item: int = 8, reference: bool = False,
-                 jitter: bool | str = False):
-        super().__init__(root, split, per_item)
+                 jitter: bool | str = False, soft_labels: float = 0.0):
+        super().__init__(root, split, per_item, soft_labels)
         self.reference = reference
         self.jitter = {True: "colour", False: "off"}.get(jitter, jitter)
         if self.jitter not in IMAGE_JITTER:
@@ -533,8 +554,9 @@ class AudioAUDataset(_FrameChunks):
     """Audio2AU samples: item = (MFCC windows (k, 12, 28), au_label (k, 5), valid (k, 5));
     ``augment`` as in :class:`ClipDataset`."""
 
-    def __init__(self, root, split: str, per_item: int = 8, augment: SpeechAugment | None = None):
-        super().__init__(root, split, per_item)
+    def __init__(self, root, split: str, per_item: int = 8, augment: SpeechAugment | None = None,
+                 soft_labels: float = 0.0):
+        super().__init__(root, split, per_item, soft_labels)
         self._mfcc: MFCCCache | None = None
         self.augment = augment
 

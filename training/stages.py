@@ -50,6 +50,11 @@ class PretrainOptions:
     balance: bool = False
     augment_images: bool | str = False  # pretrain-au-classifier: "colour" (= True) or "full" (AUFrameDataset)
     init: Path | None = None  # start from this stage checkpoint's weights (new run, fresh optimizer)
+    # Distillation: checkpoints of the same stage (any width) whose mean probability is mixed
+    # into the target, ``teacher_weight * teachers + (1 - teacher_weight) * label`` (known labels only).
+    teachers: tuple[Path, ...] = ()
+    teacher_weight: float = 0.5
+    soft_labels: float = 0.0  # tau > 0: training targets sigmoid((intensity - threshold) / tau) (data._FrameChunks)
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> float:
-    hit = ((logits > 0).float() == labels).float() * valid
+    hit = ((logits > 0) == (labels > 0.5)).float() * valid
     return float(hit.sum() / valid.sum().clamp(min=1.0))
 
 
@@ -118,8 +123,35 @@ class _ClassifierOnLower(nn.Module):
         return self.clf(lower)
 
 
+def _teacher(teachers: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """Mean probability of the teacher networks on ``x`` (None without teachers)."""
+    if not teachers:
+        return None
+    with torch.no_grad():
+        return torch.stack([torch.sigmoid(t(x)) for t in teachers]).mean(0)
+
+
+def _load_teachers(paths: tuple[Path, ...], module: str, build, dev: torch.device) -> tuple[nn.Module, ...]:
+    """Each checkpoint's ``module`` built with that checkpoint's own config (widths may differ from
+    the student's) by ``build(cfg, state) -> nn.Module``, frozen, in eval mode."""
+    nets = []
+    for path in paths:
+        cfg, states, _ = load_checkpoint(path)
+        if module not in states:
+            raise ValueError(f"teacher {path} holds {sorted(states)}, not {module!r}: pass a checkpoint of "
+                             f"the same stage")
+        net = build(cfg, states[module]).to(dev).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        nets.append(net)
+    return tuple(nets)
+
+
 def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str, nn.Module],
-                   train_set, val_set, opts: PretrainOptions, info: DistInfo) -> Task:
+                   train_set, val_set, opts: PretrainOptions, info: DistInfo,
+                   teachers: tuple[nn.Module, ...] = ()) -> Task:
+    if not 0.0 <= opts.teacher_weight <= 1.0:
+        raise ValueError(f"--teacher-weight {opts.teacher_weight} is not in [0, 1]")
     wrapped = _wrap(net, info)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=opts.lr)
     dev = info.device
@@ -135,7 +167,9 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
     def step(batch):
         x, y, v = flat(batch)
         logits = wrapped(x)
-        loss = masked_bce(logits, y, v, pos_w)
+        soft = _teacher(teachers, x)
+        target = y if soft is None else opts.teacher_weight * soft + (1.0 - opts.teacher_weight) * y
+        loss = masked_bce(logits, target, v, pos_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -151,7 +185,9 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
     return Task(name, cfg, train_set, val_set, opt, saved, step, validate,
                 extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech, "vtlp": opts.vtlp,
                        "balance": opts.balance, "augment_images": opts.augment_images,
-                       "init": str(opts.init) if opts.init else None})
+                       "init": str(opts.init) if opts.init else None,
+                       "teachers": [str(t) for t in opts.teachers], "teacher_weight": opts.teacher_weight,
+                       "soft_labels": opts.soft_labels})
 
 
 def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
@@ -160,26 +196,63 @@ def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info
         raise ValueError("pretrain-au needs a config with Audio2AU on (drop --set audio2au=false)")
     seed_everything(loop.seed)
     train = AudioAUDataset(opts.data, "train", opts.frames_per_item,
-                           augment=SpeechAugment(p_vtlp=opts.vtlp) if opts.augment_speech else None)
+                           augment=SpeechAugment(p_vtlp=opts.vtlp) if opts.augment_speech else None,
+                           soft_labels=opts.soft_labels)
     val = AudioAUDataset(opts.data, "test", opts.frames_per_item) if _has_val(opts.data) else None
     net = AUHeads(cfg)
     if opts.init is not None:
         load_pretrained(opts.init, "audio2au", net.audio2au)
-    task = _pretrain_task("pretrain-au", cfg, net, {"audio2au": net.audio2au}, train, val, opts, info)
+
+    def build(tcfg: ModelConfig, state: dict) -> nn.Module:
+        heads = AUHeads(tcfg)
+        heads.audio2au.load_state_dict(state)
+        return heads
+
+    teachers = _load_teachers(opts.teachers, "audio2au", build, info.device)
+    task = _pretrain_task("pretrain-au", cfg, net, {"audio2au": net.audio2au}, train, val, opts, info, teachers)
     return run(task, loop, info)
+
+
+def _init_classifier(path: Path, cfg: ModelConfig, clf: AUClassifier, info: DistInfo) -> None:
+    """``--init``: the checkpoint's classifier; a narrower one (another ``au_clf_width``) is
+    widened without changing its outputs (training/widen.py)."""
+    init_cfg, _, _ = load_checkpoint(path)
+    narrow = AUClassifier(init_cfg)
+    if [p.shape for p in narrow.parameters()] == [p.shape for p in clf.parameters()]:
+        load_pretrained(path, "au_classifier", clf)
+        return
+    from .widen import widen_classifier
+
+    load_pretrained(path, "au_classifier", narrow)
+    widen_classifier(narrow, clf)
+    if info.main:
+        n0, n1 = (sum(p.numel() for p in m.parameters()) for m in (narrow, clf))
+        print(f"pretrain-au-classifier: widened {path} from {n0:,} to {n1:,} parameters (same outputs)",
+              file=sys.stderr)
 
 
 def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
     """Pretrain the AU classifier on (lower-half crop, AU occurrence) pairs."""
     seed_everything(loop.seed)
     ref = cfg.au_clf_reference
-    train = AUFrameDataset(opts.data, "train", opts.frames_per_item, reference=ref, jitter=opts.augment_images)
+    train = AUFrameDataset(opts.data, "train", opts.frames_per_item, reference=ref, jitter=opts.augment_images,
+                           soft_labels=opts.soft_labels)
     val = AUFrameDataset(opts.data, "test", opts.frames_per_item, reference=ref) if _has_val(opts.data) else None
     clf = AUClassifier(cfg)
     if opts.init is not None:
-        load_pretrained(opts.init, "au_classifier", clf)
+        _init_classifier(opts.init, cfg, clf, info)
+
+    def build(tcfg: ModelConfig, state: dict) -> nn.Module:
+        if tcfg.au_clf_reference != ref:
+            raise ValueError("a teacher classifier must take the same input as the student "
+                             f"(au_clf_reference {tcfg.au_clf_reference} vs {ref})")
+        teacher = AUClassifier(tcfg)
+        teacher.load_state_dict(state)
+        return _ClassifierOnLower(teacher)
+
+    teachers = _load_teachers(opts.teachers, "au_classifier", build, info.device)
     task = _pretrain_task("pretrain-au-classifier", cfg, _ClassifierOnLower(clf), {"au_classifier": clf},
-                          train, val, opts, info)
+                          train, val, opts, info, teachers)
     return run(task, loop, info)
 
 

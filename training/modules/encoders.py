@@ -126,7 +126,7 @@ class AUClassifier(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        c1, c2 = cfg.ch(32), cfg.ch(64)
+        c1, c2 = cfg.clf_ch(32), cfg.clf_ch(64)
 
         def conv(ci: int, co: int) -> list[nn.Module]:
             return [nn.Conv2d(ci, co, 3, 1, 1), nn.ReLU()]
@@ -136,9 +136,9 @@ class AUClassifier(nn.Module):
         self.convs = nn.Sequential(*conv(self.in_channels, c1), *conv(c1, c1), nn.MaxPool2d(2),
                                    *conv(c1, c2), *conv(c2, c2), nn.MaxPool2d(2))
         h, w = cfg.image_size // 8, cfg.image_size // 4  # 56 x 112 -> 14 x 28
-        self.fc = nn.Sequential(nn.Linear(c2 * h * w, cfg.ch(256)), nn.ReLU(),
-                                nn.Linear(cfg.ch(256), cfg.ch(128)), nn.ReLU(),
-                                nn.Linear(cfg.ch(128), cfg.n_au))
+        self.fc = nn.Sequential(nn.Linear(c2 * h * w, cfg.clf_ch(256)), nn.ReLU(),
+                                nn.Linear(cfg.clf_ch(256), cfg.clf_ch(128)), nn.ReLU(),
+                                nn.Linear(cfg.clf_ch(128), cfg.n_au))
         self.image_size = cfg.image_size
         self.dropout = cfg.au_clf_dropout
         self.symmetric = cfg.au_clf_symmetric
