@@ -87,6 +87,9 @@ def fold_into_fusion(model: TalkingHead, a: np.ndarray, c: np.ndarray) -> list[s
     start = cfg.f_id + cfg.f_a
     cols = slice(start, start + a.shape[0])
     first = blocks[0]
+    if not isinstance(getattr(first, "res", None), nn.Conv1d):
+        raise ValueError("the first fusion level adds its input unprojected (fusion input width == tcsan_hidden): "
+                         "the map cannot be folded into it; fine-tune with train --init instead")
     changed = []
     for name in ("conv", "taps", "res"):
         conv = getattr(first, name, None)
@@ -107,6 +110,7 @@ def fold_into_fusion(model: TalkingHead, a: np.ndarray, c: np.ndarray) -> list[s
     return changed
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--generator", type=Path, required=True, help="train or starter checkpoint (module generator)")
@@ -120,24 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, states, extra = load_checkpoint(args.generator)
         au_cfg, au_states, au_extra = load_checkpoint(args.audio2au)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"swap_audio2au: {e}", file=sys.stderr)
         return 2
     if "generator" not in states or "audio2au" not in au_states:
         print("swap_audio2au: --generator needs module generator and --audio2au module audio2au", file=sys.stderr)
         return 2
-    if (au_cfg.au_dim, au_cfg.au_names) != (cfg.au_dim, cfg.au_names):
-        print(f"swap_audio2au: {args.audio2au} has au_dim {au_cfg.au_dim} / AUs {au_cfg.au_names}, the generator "
-              f"{cfg.au_dim} / {cfg.au_names}: pretrain with the generator's --set au_dim", file=sys.stderr)
-        return 2
-    torch.set_grad_enabled(False)
+    for name in ("au_dim", "au_names", "n_mfcc", "mfcc_frames"):
+        if getattr(au_cfg, name) != getattr(cfg, name):
+            print(f"swap_audio2au: {args.audio2au} has {name} {getattr(au_cfg, name)}, the generator "
+                  f"{getattr(cfg, name)}: pretrain with the generator's --set {name}", file=sys.stderr)
+            return 2
     old = TalkingHead(cfg).eval()
     old.load_state_dict(states["generator"])
     new_cfg = dataclasses.replace(cfg, a2a_width=au_cfg.a2a_width or au_cfg.width)
     model = TalkingHead(new_cfg).eval()
     own = {k: v for k, v in states["generator"].items() if not k.startswith("audio2au.")}
     model.load_state_dict({**own, **{f"audio2au.{k}": v for k, v in au_states["audio2au"].items()}})
-    windows = sample_windows(args.data, args.windows, args.seed)
+    try:
+        windows = sample_windows(args.data, args.windows, args.seed)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"swap_audio2au: {args.data}: {e}", file=sys.stderr)
+        return 2
     f_old, f_new = au_features(old.audio2au, windows), au_features(model.audio2au, windows)
     a, c, r2 = fit_map(f_new, f_old, args.ridge)
     d = cfg.au_dim
@@ -146,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: R^2 of the old features from the new {np.nanmean(block):.3f} "
               f"(min {np.nanmin(block):.3f}, {np.isnan(block).sum()} constant)")
     print(f"all: {np.nanmean(r2):.3f} over {len(windows)} windows of {args.data}")
-    changed = fold_into_fusion(model, a, c)
-    # Check: the fused model's fusion input from the new features equals the map applied.
+    try:
+        changed = fold_into_fusion(model, a, c)
+    except ValueError as e:
+        print(f"swap_audio2au: {e}", file=sys.stderr)
+        return 2
+    # Fit residual on 256 windows: how far the mapped new features are from the old ones.
     x = torch.from_numpy(windows[:256]).unsqueeze(1)
     fn = torch.cat([m.features(x) for m in model.audio2au], dim=1).double().numpy()
-    want = fn @ a.T + c
     got_old = torch.cat([m.features(x) for m in old.audio2au], dim=1).double().numpy()
-    print(f"folded into fusion level 0 ({', '.join(changed)}); fit error on 256 windows: "
-          f"{np.abs(want - got_old).mean():.4f} (mean |f_old| {np.abs(got_old).mean():.4f})")
+    print(f"folded into fusion level 0 ({', '.join(changed)}); fit residual on 256 windows: "
+          f"{np.abs(fn @ a.T + c - got_old).mean():.4f} (mean |f_old| {np.abs(got_old).mean():.4f})")
     out_states = {name: s for name, s in states.items() if name not in ("generator", "rng")}
     out_states["generator"] = model.state_dict()
     meta = {"generator_from": str(args.generator), "audio2au_from": str(args.audio2au),

@@ -48,19 +48,32 @@ def _generator(cfg: ModelConfig, seed: int) -> TalkingHead:
     return model
 
 
-def test_fold_applies_the_map_to_the_audio2au_inputs(swap):
-    model = _generator(CFG, 0)
-    before = _generator(CFG, 0).fusion.blocks[0]
-    d_au = CFG.n_au * CFG.au_dim
+@pytest.mark.parametrize("variant,convs", [({}, {"conv", "res"}), ({"attention": "time"}, {"taps", "res"}),
+                                            ({"fusion": "tcn"}, {"conv", "res"})])
+def test_fold_applies_the_map_to_the_audio2au_inputs(swap, variant, convs):
+    cfg = dataclasses.replace(CFG, **variant)
+    model = _generator(cfg, 0)
+    before = _generator(cfg, 0).fusion.blocks[0]
+    d_au = cfg.n_au * cfg.au_dim
     rng = np.random.default_rng(0)
     a, c = rng.normal(0, 0.3, (d_au, d_au)), rng.normal(0, 0.3, d_au)
-    assert set(swap.fold_into_fusion(model, a, c)) >= {"conv"}
-    x = torch.randn(2, CFG.fusion_input_dim, 9)
-    start = CFG.f_id + CFG.f_a
+    assert set(swap.fold_into_fusion(model, a, c)) == convs
+    x = torch.randn(2, cfg.fusion_input_dim, 9)
+    start = cfg.f_id + cfg.f_a
     mapped = x.clone().double()
     mapped[:, start:] = torch.einsum("ij,bjt->bit", torch.from_numpy(a), mapped[:, start:]) + torch.from_numpy(c)[None, :, None]
     with torch.no_grad():
         assert torch.allclose(model.fusion.blocks[0](x), before(mapped.float()), atol=1e-4)
+
+
+def test_fold_refuses_an_unprojected_residual(swap):
+    """Fusion input as wide as the hidden size: the first level adds its input as is (no 1x1
+    conv to fold into), so a fold would leave the raw new features in the residual."""
+    cfg = dataclasses.replace(CFG, tcsan_hidden=CFG.fusion_input_dim, tcsan_tokens=2)
+    model = _generator(cfg, 0)
+    d_au = cfg.n_au * cfg.au_dim
+    with pytest.raises(ValueError, match="unprojected"):
+        swap.fold_into_fusion(model, np.eye(d_au), np.zeros(d_au))
 
 
 def test_fit_map_recovers_a_linear_relation(swap):

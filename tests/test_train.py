@@ -3,6 +3,7 @@ written with ``write_clip`` (a face photo whose mouth opens with the audio's lou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
-from avatar_stream.training.checkpoint import load_checkpoint
+from avatar_stream.training.checkpoint import load_checkpoint, save_checkpoint
 from avatar_stream.training.cli import main
 from avatar_stream.training.data import write_clip, write_split
 from avatar_stream.training.loop import lr_factor
@@ -149,6 +150,13 @@ def test_pretrain_teacher_mixes_into_the_targets(corpus, tmp_path, capsys, stage
     assert "--teacher" in err and "no such checkpoint" in err and "\n" not in err
     assert main([stage, *base, "--out", str(tmp_path / "bad"), *t, "--teacher-weight", "1.5"]) == 2
     assert "--teacher-weight 1.5" in capsys.readouterr().err
+    # A teacher must name the same AUs in the same order (else its targets land on the wrong AU).
+    cfg, states, extra = load_checkpoint(teacher / "last")
+    swapped = dataclasses.replace(cfg, au_names=(cfg.au_names[1], cfg.au_names[0], *cfg.au_names[2:]))
+    save_checkpoint(tmp_path / "reordered", states, swapped, extra=extra)
+    assert main([stage, *base, "--out", str(tmp_path / "bad"), "--teacher", str(tmp_path / "reordered.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "au_names" in err and "\n" not in err
 
 
 def test_soft_labels_follow_the_intensities(tmp_path, astronaut):

@@ -131,16 +131,27 @@ def _teacher(teachers: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor |
         return torch.stack([torch.sigmoid(t(x)) for t in teachers]).mean(0)
 
 
-def _load_teachers(paths: tuple[Path, ...], module: str, build, dev: torch.device) -> tuple[nn.Module, ...]:
+# What a teacher must share with its student (widths may differ): same inputs, same AUs in the same order.
+_TEACHER_FIELDS = ("au_names", "image_size", "n_mfcc", "mfcc_frames")
+
+
+def _load_teachers(paths: tuple[Path, ...], module: str, build, dev: torch.device,
+                   student: ModelConfig) -> tuple[nn.Module, ...]:
     """Each checkpoint's ``module`` built with that checkpoint's own config (widths may differ from
-    the student's) by ``build(cfg, state) -> nn.Module``, frozen, in eval mode."""
+    the student's) by ``build(cfg, state) -> nn.Module``, frozen, in eval mode. Built under a
+    forked RNG: a run with teachers draws the same random numbers as one without."""
     nets = []
     for path in paths:
         cfg, states, _ = load_checkpoint(path)
         if module not in states:
             raise ValueError(f"teacher {path} holds {sorted(states)}, not {module!r}: pass a checkpoint of "
                              f"the same stage")
-        net = build(cfg, states[module]).to(dev).eval()
+        for name in _TEACHER_FIELDS:
+            if getattr(cfg, name) != getattr(student, name):
+                raise ValueError(f"teacher {path} has {name} {getattr(cfg, name)}, the student "
+                                 f"{getattr(student, name)}: a teacher must see the same inputs and AUs")
+        with torch.random.fork_rng(devices=[]):
+            net = build(cfg, states[module]).to(dev).eval()
         for p in net.parameters():
             p.requires_grad_(False)
         nets.append(net)
@@ -208,7 +219,7 @@ def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info
         heads.audio2au.load_state_dict(state)
         return heads
 
-    teachers = _load_teachers(opts.teachers, "audio2au", build, info.device)
+    teachers = _load_teachers(opts.teachers, "audio2au", build, info.device, cfg)
     task = _pretrain_task("pretrain-au", cfg, net, {"audio2au": net.audio2au}, train, val, opts, info, teachers)
     return run(task, loop, info)
 
@@ -250,7 +261,7 @@ def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOp
         teacher.load_state_dict(state)
         return _ClassifierOnLower(teacher)
 
-    teachers = _load_teachers(opts.teachers, "au_classifier", build, info.device)
+    teachers = _load_teachers(opts.teachers, "au_classifier", build, info.device, cfg)
     task = _pretrain_task("pretrain-au-classifier", cfg, _ClassifierOnLower(clf), {"au_classifier": clf},
                           train, val, opts, info, teachers)
     return run(task, loop, info)
