@@ -159,12 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"swap_audio2au: {e}", file=sys.stderr)
         return 2
-    # Fit residual on 256 windows: how far the mapped new features are from the old ones.
-    x = torch.from_numpy(windows[:256]).unsqueeze(1)
-    fn = torch.cat([m.features(x) for m in model.audio2au], dim=1).double().numpy()
-    got_old = torch.cat([m.features(x) for m in old.audio2au], dim=1).double().numpy()
-    print(f"folded into fusion level 0 ({', '.join(changed)}); fit residual on 256 windows: "
-          f"{np.abs(fn @ a.T + c - got_old).mean():.4f} (mean |f_old| {np.abs(got_old).mean():.4f})")
+    # Fit residual: how far the mapped new features are from the old ones (features computed above).
+    print(f"folded into fusion level 0 ({', '.join(changed)}); fit residual: "
+          f"{np.abs(f_new @ a.T + c - f_old).mean():.4f} (mean |f_old| {np.abs(f_old).mean():.4f})")
     out_states = {name: s for name, s in states.items() if name not in ("generator", "rng")}
     out_states["generator"] = model.state_dict()
     meta = {"generator_from": str(args.generator), "audio2au_from": str(args.audio2au),

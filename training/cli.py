@@ -141,9 +141,6 @@ def _teacher_options(args) -> dict:
     for path in teachers:
         if not path.with_suffix(".safetensors").is_file() and not path.is_file():
             raise ValueError(f"--teacher {path}: no such checkpoint: pass a .safetensors of this stage")
-    _check_probability("--teacher-weight", args.teacher_weight)
-    if args.soft_labels < 0:
-        raise ValueError(f"--soft-labels {args.soft_labels}: give tau > 0 in AU intensity units (e.g. 0.03), or 0 for off")
     return {"teachers": teachers, "teacher_weight": args.teacher_weight, "soft_labels": args.soft_labels}
 
 

@@ -56,6 +56,13 @@ class PretrainOptions:
     teacher_weight: float = 0.5
     soft_labels: float = 0.0  # tau > 0: training targets sigmoid((intensity - threshold) / tau) (data._FrameChunks)
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ValueError(f"--teacher-weight {self.teacher_weight} is not in [0, 1]")
+        if self.soft_labels < 0:
+            raise ValueError(f"--soft-labels {self.soft_labels}: give tau > 0 in AU intensity units "
+                             f"(e.g. 0.03), or 0 for off")
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -161,8 +168,6 @@ def _load_teachers(paths: tuple[Path, ...], module: str, build, dev: torch.devic
 def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str, nn.Module],
                    train_set, val_set, opts: PretrainOptions, info: DistInfo,
                    teachers: tuple[nn.Module, ...] = ()) -> Task:
-    if not 0.0 <= opts.teacher_weight <= 1.0:
-        raise ValueError(f"--teacher-weight {opts.teacher_weight} is not in [0, 1]")
     wrapped = _wrap(net, info)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=opts.lr)
     dev = info.device

@@ -52,7 +52,6 @@ def widen_classifier(narrow: AUClassifier, wide: AUClassifier, seed: int = 0, ji
     rng = np.random.default_rng(seed)
     src = {k: v.clone() for k, v in narrow.state_dict().items()}
     dst = wide.state_dict()
-    hw = None
     for out_layer, in_layer in _CHAIN:
         w_out = src[f"{out_layer}.weight"]
         old, new = w_out.shape[0], dst[f"{out_layer}.weight"].shape[0]
