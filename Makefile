@@ -17,8 +17,17 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# A new virtualenv takes about 2.2 GB (torch CPU, onnxruntime, OpenCV, dlib, ...): say so up front
+# instead of failing half-way through pip with "No space left on device".
 $(STAMP): pyproject.toml constraints.txt | apt
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@if [ ! -x $(PY) ]; then \
+	  avail=$$(df -Pk $$(dirname $(VENV)) | awk 'NR==2 {print $$4}'); \
+	  if [ "$$avail" -lt 3000000 ]; then \
+	    echo "[setup] only $$((avail / 1024)) MB free on $$(df -P $$(dirname $(VENV)) | awk 'NR==2 {print $$6}'); the virtualenv needs about 3 GB: free some space (or set VENV=/other/disk/venv) and run make again" >&2; \
+	    exit 1; \
+	  fi; \
+	  python3 -m venv $(VENV); \
+	fi
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=68,<82" wheel
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
