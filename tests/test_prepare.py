@@ -172,6 +172,29 @@ def test_frame_datasets_use_labelled_clips_only(tmp_path):
         AUFrameDataset(tmp_path / "empty", "train")
 
 
+def test_full_jitter_moves_the_reference_alone_by_at_most_the_reference_shift():
+    """--reference-shift: frame and identity image get one similarity transform, the identity
+    up to reference_shift px more; at 0 it lines up with the frames exactly (blur and noise,
+    with probability 0.3 each, touch the frames only). The random stream does not depend on the
+    shift: the frames come out the same for any shift."""
+    import cv2
+    from avatar_stream.training.data import _image_jitter_full
+
+    rng = np.random.default_rng(0)
+    ident = cv2.GaussianBlur(rng.uniform(0, 255, (112, 112, 3)).astype(np.uint8), (0, 0), 2.0)
+    frames = np.stack([ident, ident])
+    aligned = 0
+    for seed in range(20):
+        f0, i0 = _image_jitter_full(frames, ident, np.random.default_rng(seed), reference_shift=0.0)
+        f1, i1 = _image_jitter_full(frames, ident, np.random.default_rng(seed), reference_shift=1.5)
+        np.testing.assert_array_equal(f0, f1)
+        assert not np.array_equal(i0, i1)
+        aligned += np.array_equal(i0, f0[0])
+    assert aligned >= 3  # no blur and no noise: probability 0.49 per draw
+    with pytest.raises(ValueError, match="reference shift"):
+        AUFrameDataset(Path("."), "train", jitter="full", reference_shift=-1.0)
+
+
 # ----------------------------------------------------------------------------- layouts, split
 
 

@@ -154,11 +154,17 @@ def cmd_pretrain_au(args) -> int:
 
 
 def cmd_pretrain_au_classifier(args) -> int:
+    from .data import REFERENCE_SHIFT
     from .stages import PretrainOptions, pretrain_au_classifier
 
+    if args.reference_shift is not None and args.augment_images != "full":
+        raise ValueError(f"--reference-shift {args.reference_shift} acts only with --augment-images full: "
+                         "add it, or drop --reference-shift")
+    shift = REFERENCE_SHIFT if args.reference_shift is None else args.reference_shift
     return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr,
                                                                     balance=args.balance,
                                                                     augment_images=args.augment_images,
+                                                                    reference_shift=shift,
                                                                     init=args.init, **_teacher_options(args)))
 
 
@@ -261,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="jitter the training crops: 'colour' (the default when given bare): random "
                                 "horizontal flip and colour gain/offset; 'full': also position, scale, "
                                 "rotation, blur and noise (docs/training.md)")
+            s.add_argument("--reference-shift", type=float, metavar="PX",
+                           help="with --augment-images full: the identity image alone is moved by up to "
+                                "this many pixels more (default 1.5)")
         s.set_defaults(func=func)
 
     t = sub.add_parser("train", help="train the full model")

@@ -476,14 +476,17 @@ class _FrameChunks(Dataset):
 
 
 IMAGE_JITTER = ("off", "colour", "full")
+REFERENCE_SHIFT = 1.5  # px: --augment-images full's default shift of the reference alone
 
 
-def _image_jitter_full(frames: np.ndarray, ident: np.ndarray | None, rng: np.random.Generator):
+def _image_jitter_full(frames: np.ndarray, ident: np.ndarray | None, rng: np.random.Generator,
+                       reference_shift: float = REFERENCE_SHIFT):
     """The geometric and camera part of ``--augment-images full`` on uint8 ``(k, S, S, 3)``
     frames and their ``(S, S, 3)`` identity image (or None): one random similarity transform
     (rotation +-4 deg, scale 0.94-1.06, shift +-3 px) for the frames and the identity alike
-    (another face position, the same expression), the identity shifted a further +-1.5 px on
-    its own (a reference never lines up to the pixel: head motion, a generated frame), then
+    (another face position, the same expression), the identity shifted a further
+    +-``reference_shift`` px on its own (a reference never lines up to the pixel: head motion,
+    a generated frame), then
     with probability 0.3 each a Gaussian blur (sigma 0.4-1.2) and Gaussian noise (sigma 1-8
     grey levels) of the frames only: generated frames are softer than the photo they come
     from. Returns float32 arrays in [0, 255]."""
@@ -497,7 +500,7 @@ def _image_jitter_full(frames: np.ndarray, ident: np.ndarray | None, rng: np.ran
     out = np.stack([warp(f, m) for f in frames]).astype(np.float32)
     if ident is not None:
         mi = m.copy()
-        mi[:, 2] += rng.uniform(-1.5, 1.5, 2)
+        mi[:, 2] += rng.uniform(-reference_shift, reference_shift, 2)
         ident = warp(ident, mi).astype(np.float32)
     if rng.random() < 0.3:
         sigma = rng.uniform(0.4, 1.2)
@@ -516,12 +519,17 @@ class AUFrameDataset(_FrameChunks):
     ``jitter`` (training; ``True`` means ``"colour"``): ``"colour"`` is one random horizontal
     flip, per-channel gain 0.8-1.2 and offset +-0.06 per item, the same for the frames and the
     reference (a different face colour, not a different expression); ``"full"`` first applies
-    :func:`_image_jitter_full` (position, scale, rotation, blur, noise), then the same."""
+    :func:`_image_jitter_full` (position, scale, rotation, blur, noise; the reference alone
+    moved by up to ``reference_shift`` px more), then the same."""
 
     def __init__(self, root, split: str, per_item: int = 8, reference: bool = False,
-                 jitter: bool | str = False, soft_labels: float = 0.0):
+                 jitter: bool | str = False, soft_labels: float = 0.0,
+                 reference_shift: float = REFERENCE_SHIFT):
+        if reference_shift < 0:
+            raise ValueError(f"reference shift must be >= 0 px, got {reference_shift}")
         super().__init__(root, split, per_item, soft_labels)
         self.reference = reference
+        self.reference_shift = reference_shift
         self.jitter = {True: "colour", False: "off"}.get(jitter, jitter)
         if self.jitter not in IMAGE_JITTER:
             raise ValueError(f"image jitter must be one of {IMAGE_JITTER}, got {jitter!r}")
@@ -533,7 +541,7 @@ class AUFrameDataset(_FrameChunks):
         ident = load_clip(self.root, self.entries[ci], ("identity",))["identity"] if self.reference else None
         seed = int(torch.randint(0, 2**31 - 1, (1,))) if self.jitter != "off" else 0
         if self.jitter == "full":
-            frames, ident = _image_jitter_full(frames, ident, np.random.default_rng(seed + 1))
+            frames, ident = _image_jitter_full(frames, ident, np.random.default_rng(seed + 1), self.reference_shift)
         lower = _to_chw(frames[:, CROP // 2 :])
         if ident is not None:
             ref = _to_chw(ident[CROP // 2 :])

@@ -30,7 +30,15 @@ from torch.nn.parallel import DistributedDataParallel
 from .augment import SpeechAugment
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
-from .data import AudioAUDataset, AUFrameDataset, ClipDataset, ShardError, au_occurrence_rates, read_split
+from .data import (
+    REFERENCE_SHIFT,
+    AudioAUDataset,
+    AUFrameDataset,
+    ClipDataset,
+    ShardError,
+    au_occurrence_rates,
+    read_split,
+)
 from .ddp import DistInfo, seed_everything
 from .loop import LoopOptions, Task, run
 from .losses import TotalLoss, au_loss, au_weights
@@ -55,6 +63,7 @@ class PretrainOptions:
     teachers: tuple[Path, ...] = ()
     teacher_weight: float = 0.5
     soft_labels: float = 0.0  # tau > 0: training targets sigmoid((intensity - threshold) / tau) (data._FrameChunks)
+    reference_shift: float = REFERENCE_SHIFT  # augment_images "full": px the reference alone moves (data.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.teacher_weight <= 1.0:
@@ -62,6 +71,8 @@ class PretrainOptions:
         if self.soft_labels < 0:
             raise ValueError(f"--soft-labels {self.soft_labels}: give tau > 0 in AU intensity units "
                              f"(e.g. 0.03), or 0 for off")
+        if self.reference_shift < 0:
+            raise ValueError(f"--reference-shift {self.reference_shift}: give a shift >= 0 px")
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,7 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
                        "balance": opts.balance, "augment_images": opts.augment_images,
                        "init": str(opts.init) if opts.init else None,
                        "teachers": [str(t) for t in opts.teachers], "teacher_weight": opts.teacher_weight,
-                       "soft_labels": opts.soft_labels})
+                       "soft_labels": opts.soft_labels, "reference_shift": opts.reference_shift})
 
 
 def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
@@ -252,7 +263,7 @@ def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOp
     seed_everything(loop.seed)
     ref = cfg.au_clf_reference
     train = AUFrameDataset(opts.data, "train", opts.frames_per_item, reference=ref, jitter=opts.augment_images,
-                           soft_labels=opts.soft_labels)
+                           soft_labels=opts.soft_labels, reference_shift=opts.reference_shift)
     val = AUFrameDataset(opts.data, "test", opts.frames_per_item, reference=ref) if _has_val(opts.data) else None
     clf = AUClassifier(cfg)
     if opts.init is not None:
