@@ -159,6 +159,21 @@ def test_pretrain_teacher_mixes_into_the_targets(corpus, tmp_path, capsys, stage
     assert "au_names" in err and "\n" not in err
 
 
+def test_reference_shift_is_recorded_and_needs_full_image_augmentation(corpus, tmp_path, capsys):
+    """``--reference-shift PX`` sets --augment-images full's extra move of the identity image,
+    is kept in the checkpoint, and is refused (one line, exit 2) without ``full``."""
+    base = ["pretrain-au-classifier", "--data", str(corpus), "--batch", "2", "--steps", "1", *MODEL, *FAST,
+            "--set", "au_clf_reference=true"]
+    assert main([*base, "--out", str(tmp_path / "ok"), "--augment-images", "full", "--reference-shift", "0.25"]) == 0
+    assert load_checkpoint(tmp_path / "ok" / "last")[2]["reference_shift"] == 0.25
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--augment-images", "--reference-shift", "0.25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--reference-shift 0.25" in err and "--augment-images full" in err and "\n" not in err
+    assert main([*base, "--out", str(tmp_path / "bad"), "--augment-images", "full", "--reference-shift", "-1"]) == 2
+    assert "--reference-shift -1" in capsys.readouterr().err
+
+
 def test_soft_labels_follow_the_intensities(tmp_path, astronaut):
     """``--soft-labels TAU``: targets sigmoid((intensity - threshold) / TAU), on the right side of
     0.5 exactly where the 0/1 label is 1; refused for labels that are not thresholded intensities."""
