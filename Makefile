@@ -21,8 +21,8 @@ apt:
 # instead of failing half-way through pip with "No space left on device".
 $(STAMP): pyproject.toml constraints.txt | apt
 	@if [ ! -x $(PY) ]; then \
-	  avail=$$(df -Pk $$(dirname $(VENV)) | awk 'NR==2 {print $$4}'); \
-	  if [ "$$avail" -lt 3000000 ]; then \
+	  avail=$$(df -Pk $$(dirname $(VENV)) 2>/dev/null | awk 'NR==2 {print $$4}'); \
+	  if [ -n "$$avail" ] && [ "$$avail" -lt 3000000 ]; then \
 	    echo "[setup] only $$((avail / 1024)) MB free on $$(df -P $$(dirname $(VENV)) | awk 'NR==2 {print $$6}'); the virtualenv needs about 3 GB: free some space (or set VENV=/other/disk/venv) and run make again" >&2; \
 	    exit 1; \
 	  fi; \
