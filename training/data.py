@@ -480,7 +480,7 @@ REFERENCE_SHIFT = 1.5  # px: --augment-images full's default shift of the refere
 
 
 def _image_jitter_full(frames: np.ndarray, ident: np.ndarray | None, rng: np.random.Generator,
-                       reference_shift: float = REFERENCE_SHIFT):
+                       reference_shift: float):
     """The geometric and camera part of ``--augment-images full`` on uint8 ``(k, S, S, 3)``
     frames and their ``(S, S, 3)`` identity image (or None): one random similarity transform
     (rotation +-4 deg, scale 0.94-1.06, shift +-3 px) for the frames and the identity alike
