@@ -274,6 +274,14 @@ class FaceWarper:
                                  flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return out
 
+    def reshape(self, dst: np.ndarray) -> np.ndarray:
+        """The photo with the mesh vertices (68 landmarks, then the anchors, as ``src``)
+        moved to ``dst``, as far as that folds no triangle (``unfold``); no mouth drawn."""
+        dst = np.asarray(dst, np.float64)
+        if dst.shape != self.src.shape:
+            raise ValueError(f"dst must be {self.src.shape} (landmarks + anchors), got {dst.shape}")
+        return self._piecewise_affine(self.unfold(dst))
+
     def points(self, au, blink: float = 0.0) -> np.ndarray:
         """Mesh vertices (68 landmarks, then the anchors) moved by ``au`` and ``blink``."""
         moved = warp_landmarks(self.landmarks, au, blink)

@@ -3,6 +3,8 @@
     avatar-train prepare grid ROOT --out DATA [--openface DIR] [--split-file F] [--workers N]
     avatar-train prepare tcd-timit ROOT --out DATA ...
     avatar-train synth --faces PHOTOS --out DATA --utterances N   (training/synth.py)
+    avatar-train morph-faces --faces PHOTOS --out MORPHS --count N   (training/morph.py)
+    avatar-train merge --data DATA_A --data DATA_B --out DATA
     avatar-train pretrain-au --data DATA --out RUN_AU
     avatar-train pretrain-au-classifier --data DATA --out RUN_CLF
     avatar-train train --data DATA --out RUN --audio2au RUN_AU/best.safetensors \\
@@ -207,6 +209,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def cmd_merge(args) -> int:
+    from .data import merge_corpora
+
+    n = merge_corpora(args.data, args.out)
+    print(f"{args.out}: {n['clips']} clips ({n['train']} train / {n['test']} test speakers) from {len(args.data)} corpora")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avatar-train", description="avatar-stream dataset preparation, training stages and evaluation.")
     p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
@@ -230,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
         syn = sub.add_parser("synth", help="make a GRID-shaped corpus with AU labels (DESIGN.md §5)")
         synth.add_arguments(syn)
         syn.set_defaults(func=synth.main_synth)
+
+        from . import morph
+
+        mor = sub.add_parser("morph-faces", help="more training identities: morphs of pairs of face photos")
+        morph.add_arguments(mor)
+        mor.set_defaults(func=morph.main_morph)
+
+    mrg = sub.add_parser("merge", help="one corpus made of several (symlinks to their clips)")
+    mrg.add_argument("--data", type=Path, action="append", required=True, metavar="DATA",
+                     help="a prepared or synth corpus (repeat for each)")
+    mrg.add_argument("--out", type=Path, required=True, help="the merged corpus (a new folder)")
+    mrg.set_defaults(func=cmd_merge)
 
     from . import mouth_eval
 

@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -179,6 +180,51 @@ def read_split(root) -> dict[str, list[str]]:
         raise ShardError(f"{path} is missing: run prepare, or write {{\"train\": [...], \"test\": [...]}} there")
     data = json.loads(path.read_text())
     return {"train": list(data.get("train", [])), "test": list(data.get("test", []))}
+
+
+def merge_corpora(sources, out) -> dict[str, int]:
+    """Make ``out`` one corpus of the clips of ``sources``: ``out/clips/<speaker>`` are relative
+    symlinks to the sources' speaker folders; index.json and split.json are the unions. A
+    speaker in two sources, or an identity that is a test identity of one source and a
+    training identity of another, is refused; a voice heard in training that is a test voice
+    elsewhere is only warned about (the AU classifier never hears it)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ShardError(f"{out} exists and is not empty: merge into a new folder")
+    clips, split, owner = [], {"train": [], "test": []}, {}
+    roles: dict[str, dict[str, set]] = {"identity": {"train": set(), "test": set()},
+                                        "voice": {"train": set(), "test": set()}}
+    for src in map(Path, sources):
+        entries, parts = read_index(src), read_split(src)
+        for part in ("train", "test"):
+            for speaker in parts[part]:
+                if speaker in owner:
+                    raise ShardError(f"speaker {speaker} is in both {owner[speaker]} and {src}: merge corpora "
+                                     "with distinct speakers")
+                owner[speaker] = src
+                split[part].append(speaker)
+            chosen = set(parts[part])
+            for e in entries:
+                if e["speaker"] in chosen:
+                    roles["identity"][part].add(e["identity"])
+                    roles["voice"][part].add(e["voice"])
+        clips += [e for e in entries if e["speaker"] in owner and owner[e["speaker"]] == src]
+    leaked = roles["identity"]["train"] & roles["identity"]["test"]
+    if leaked:
+        raise ShardError(f"identities both trained on and held out in the merge: {', '.join(sorted(leaked))}")
+    heard = roles["voice"]["train"] & roles["voice"]["test"]
+    if heard:
+        warnings.warn(f"{len(heard)} test voice(s) of the merged corpus are heard in its training split "
+                      f"(e.g. {sorted(heard)[0]}): its Audio2AU figures are not on held-out voices",
+                      stacklevel=2)
+    (out / "clips").mkdir(parents=True)
+    for speaker, src in owner.items():
+        target = (src / "clips" / speaker).resolve()
+        if target.is_dir():
+            os.symlink(os.path.relpath(target, (out / "clips").resolve()), out / "clips" / speaker)
+    write_json(out / "index.json", {"version": INDEX_VERSION, "clips": sorted(clips, key=lambda c: c["path"])})
+    write_split(out, split["train"], split["test"])
+    return {"clips": len(clips), "train": len(split["train"]), "test": len(split["test"])}
 
 
 def split_entries(root, split: str) -> list[dict]:

@@ -1,0 +1,151 @@
+"""``avatar-train morph-faces``: more training identities from the photos there are.
+
+The AU classifier learns on 50 training faces and loses most of its F1 between them and
+held-out faces (MODEL_CARD, "Seventh round": 0.95 on training faces, 0.89 on held-out ones).
+A morph of two training photos is a face that is neither of them: both photos are cut to the
+same canonical canvas (their alignment matrices), the mean of the two landmark meshes is
+taken with a random weight ``t``, each photo is warped onto that mesh piecewise-affinely
+(engine/warp.py ``FaceWarper.reshape``) and the two warped photos are blended with the same
+``t``. The face shape, skin, eyes, brows and lips of the morph lie between those of its
+parents; backgrounds and hair blend into ghosts, which the 112 px face crop mostly cuts off.
+
+Only photos that are not held out may be parents: ``--exclude-test-of CORPUS`` reads a synth
+corpus's split.json and leaves its test identities out, so a corpus made from the morphs
+adds no held-out face to training. Every morph is checked by dlib (one face, landmarks
+found) before it is kept, and ``OUT/morphs.json`` records its parents and weight.
+Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from avatar_stream.engine.face import FaceAligner, FaceError, apply_transform, read_image, warp_to_crop
+from avatar_stream.engine.warp import FaceWarper
+from tqdm import tqdm
+
+from .data import write_json
+from .synth import CROP, Identity, find_identities
+
+MORPH_SCALE = 2  # the canvas is cut at twice the canonical crop's scale, as synth's is
+MORPH_PAD = 64  # canvas margin: the jaw ring anchors of wide faces stay inside the picture
+WEIGHT_RANGE = (0.35, 0.65)  # t: the share of the second parent
+
+
+@dataclass
+class MorphReport:
+    written: int = 0
+    parents: int = 0
+    rejected: int = 0
+    excluded: int = 0
+
+
+def _canvas(identity: Identity) -> tuple[np.ndarray, np.ndarray]:
+    """(canvas image, landmarks on it): the photo cut with its alignment matrix."""
+    m = np.array(identity.matrix, np.float64) * MORPH_SCALE
+    m[:, 2] += MORPH_PAD
+    size = MORPH_SCALE * CROP + 2 * MORPH_PAD
+    return warp_to_crop(read_image(identity.path), m, size), apply_transform(m, np.array(identity.landmarks))
+
+
+def morph_pair(a: Identity, b: Identity, t: float) -> np.ndarray:
+    """RGB uint8 canvas (352 x 352) of the morph ``(1 - t) * a + t * b`` in shape and colour."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"morph weight must be in [0, 1], got {t}")
+    wa, wb = (FaceWarper(*_canvas(x)) for x in (a, b))
+    if wa.src.shape != wb.src.shape:  # a ring anchor fell outside one canvas: no common mesh
+        raise FaceError(f"{a.name} and {b.name} have meshes of different sizes; pick another pair")
+    dst = (1.0 - t) * wa.src + t * wb.src
+    blend = (1.0 - t) * wa.reshape(dst).astype(np.float32) + t * wb.reshape(dst).astype(np.float32)
+    return np.clip(np.round(blend), 0, 255).astype(np.uint8)
+
+
+def held_out_identities(corpus: Path) -> list[str]:
+    """Test identity names recorded in a synth corpus's split.json."""
+    path = Path(corpus) / "split.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: --exclude-test-of takes a corpus made by `avatar-train synth`")
+    names = json.loads(path.read_text()).get("detail", {}).get("test_identities")
+    if names is None:
+        raise ValueError(f"{path} records no test identities (not a synth corpus): pass --exclude NAME instead")
+    return list(names)
+
+
+def morph_faces(faces: Path, out: Path, count: int, seed: int = 0, exclude=(), progress: bool = True,
+                aligner: FaceAligner | None = None) -> MorphReport:
+    """Write ``count`` morphs of pairs of photos in ``faces`` (minus ``exclude``, identity names
+    as synth gives them, e.g. ``f025_face-recognition``) to ``out`` as PNG files."""
+    if count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    identities, _ = find_identities(faces, out / "cache")
+    known = {i.name for i in identities}
+    unknown = sorted(set(exclude) - known)
+    if unknown:
+        raise ValueError(f"--exclude names no usable photo of {faces}: {', '.join(unknown)}")
+    parents = [i for i in identities if i.name not in set(exclude)]
+    report = MorphReport(parents=len(parents), excluded=len(identities) - len(parents))
+    if len(parents) < 2:
+        raise ValueError(f"{faces} has {len(parents)} usable photo(s) to morph; it takes >= 2")
+    rng = np.random.default_rng([seed, 0x3090])
+    pairs = [(i, j) for i in range(len(parents)) for j in range(i + 1, len(parents))]
+    order = rng.permutation(len(pairs))
+    aligner = aligner or FaceAligner()
+    record = {}
+    bar = tqdm(total=count, desc="morph", unit="face", disable=not progress)
+    for k in order:
+        if report.written == count:
+            break
+        i, j = pairs[k]
+        if rng.random() < 0.5:
+            i, j = j, i
+        t = float(rng.uniform(*WEIGHT_RANGE))
+        a, b = parents[i], parents[j]
+        try:
+            image = morph_pair(a, b, t)
+            aligner.align(image, name="the morph")  # one face, landmarks found: usable by synth
+        except FaceError:
+            report.rejected += 1
+            continue
+        name = f"morph{report.written:04d}.png"
+        cv2.imwrite(str(out / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        record[name] = {"a": a.name, "b": b.name, "t": round(t, 4)}
+        report.written += 1
+        bar.update(1)
+    bar.close()
+    if report.written < count:
+        raise ValueError(f"only {report.written} of {count} morphs could be made from {len(parents)} photos "
+                         f"({report.rejected} rejected): ask for fewer")
+    write_json(out / "morphs.json", {"seed": seed, "excluded": sorted(exclude), "morphs": record})
+    return report
+
+
+def main_morph(args) -> int:
+    """``avatar-train morph-faces`` entry point (argv parsed in training/cli.py)."""
+    exclude = list(args.exclude or [])
+    for corpus in args.exclude_test_of or []:
+        exclude += held_out_identities(corpus)
+    report = morph_faces(Path(args.faces), Path(args.out), args.count, seed=args.seed, exclude=sorted(set(exclude)),
+                         progress=not args.no_progress)
+    print(f"{report.written} morphs of {report.parents} photos ({report.excluded} held out, {report.rejected} "
+          f"rejected by the face check) in {args.out}: make a corpus of them with `avatar-train synth --faces "
+          f"{args.out} --test-identities 0`")
+    return 0
+
+
+def add_arguments(p) -> None:
+    """The ``morph-faces`` subcommand's flags (called by training/cli.py)."""
+    p.add_argument("--faces", type=Path, required=True, help="folder of face photos (one identity each)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the morphs (PNG) and morphs.json")
+    p.add_argument("--count", type=int, required=True, help="morphs to make")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same morphs")
+    p.add_argument("--exclude", action="append", metavar="NAME",
+                   help="an identity that must not be a parent, named as synth names it (repeatable)")
+    p.add_argument("--exclude-test-of", type=Path, action="append", metavar="CORPUS",
+                   help="leave out the test identities of this synth corpus (repeatable)")
+    p.add_argument("--no-progress", action="store_true")
