@@ -86,6 +86,8 @@ def test_morph_faces_leaves_out_the_excluded_and_is_deterministic(faces_dir, tmp
 
 
 def test_morph_faces_errors(faces_dir, tmp_path):
+    with pytest.raises(ValueError, match="--prefix must be letters and digits"):
+        morph.morph_faces(faces_dir, tmp_path, 1, prefix="a-b", progress=False)
     with pytest.raises(ValueError, match="--count must be >= 1"):
         morph.morph_faces(faces_dir, tmp_path, 0, progress=False)
     with pytest.raises(ValueError, match="--exclude names no usable photo.*fnobody"):
@@ -111,10 +113,10 @@ def test_cli_morph_faces(faces_dir, tmp_path, capsys):
     corpus.mkdir()
     (corpus / "split.json").write_text(json.dumps({"detail": {"test_identities": ["fmirror"]}}))
     rc = main(["morph-faces", "--faces", str(faces_dir), "--out", str(tmp_path / "m"), "--count", "1",
-               "--exclude-test-of", str(corpus), "--no-progress"])
+               "--exclude-test-of", str(corpus), "--prefix", "set2", "--no-progress"])
     assert rc == 0
     assert "1 morphs of 2 photos (1 held out" in capsys.readouterr().out
-    parents = json.loads((tmp_path / "m" / "morphs.json").read_text())["morphs"]["morph0000.png"]
+    parents = json.loads((tmp_path / "m" / "morphs.json").read_text())["morphs"]["set20000.png"]
     assert {parents["a"], parents["b"]} == {"fastronaut", "fdarker"}
     rc = main(["morph-faces", "--faces", str(faces_dir), "--out", str(tmp_path / "n"), "--count", "1",
                "--exclude", "fnobody"])

@@ -19,6 +19,7 @@ Deterministic for a seed.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +77,11 @@ def held_out_identities(corpus: Path) -> list[str]:
 
 
 def morph_faces(faces: Path, out: Path, count: int, seed: int = 0, exclude=(), progress: bool = True,
-                aligner: FaceAligner | None = None) -> MorphReport:
+                aligner: FaceAligner | None = None, prefix: str = "morph") -> MorphReport:
     """Write ``count`` morphs of pairs of photos in ``faces`` (minus ``exclude``, identity names
-    as synth gives them, e.g. ``f025_face-recognition``) to ``out`` as PNG files."""
+    as synth gives them, e.g. ``f025_face-recognition``) to ``out`` as ``<prefix>NNNN.png``."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", prefix):
+        raise ValueError(f"--prefix must be letters and digits (a file and speaker name part), got {prefix!r}")
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
     out = Path(out)
@@ -112,7 +115,7 @@ def morph_faces(faces: Path, out: Path, count: int, seed: int = 0, exclude=(), p
         except FaceError:
             report.rejected += 1
             continue
-        name = f"morph{report.written:04d}.png"
+        name = f"{prefix}{report.written:04d}.png"
         cv2.imwrite(str(out / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         record[name] = {"a": a.name, "b": b.name, "t": round(t, 4)}
         report.written += 1
@@ -131,7 +134,7 @@ def main_morph(args) -> int:
     for corpus in args.exclude_test_of or []:
         exclude += held_out_identities(corpus)
     report = morph_faces(Path(args.faces), Path(args.out), args.count, seed=args.seed, exclude=sorted(set(exclude)),
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, prefix=args.prefix)
     print(f"{report.written} morphs of {report.parents} photos ({report.excluded} held out, {report.rejected} "
           f"rejected by the face check) in {args.out}: make a corpus of them with `avatar-train synth --faces "
           f"{args.out} --test-identities 0`")
@@ -144,6 +147,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the morphs (PNG) and morphs.json")
     p.add_argument("--count", type=int, required=True, help="morphs to make")
     p.add_argument("--seed", type=int, default=0, help="same seed, same morphs")
+    p.add_argument("--prefix", default="morph",
+                   help="file names <prefix>0000.png, ...: give each set of morphs its own, so that corpora made "
+                        "from two sets can be merged (default morph)")
     p.add_argument("--exclude", action="append", metavar="NAME",
                    help="an identity that must not be a parent, named as synth names it (repeatable)")
     p.add_argument("--exclude-test-of", type=Path, action="append", metavar="CORPUS",
