@@ -61,6 +61,12 @@ def test_beats_needs_an_improvement_and_no_regression():
     ok, why = beats(_res(quiet=0.13), noisy_shipped)
     assert ok and why == ["quiet_silence_neural 0.200 -> 0.130"]
     assert beats(_res(r_neural=0.6), {**shipped, "mouth": None})[0] is False  # nothing to beat: NaN
+    # The AU classifier's F1 alone: +0.005 counts (its bootstrap SE is about 0.001), +0.004 does not.
+    better_classifier = {**shipped, "classifier": {"mean_f1": 0.806}}
+    ok, why = beats(better_classifier, shipped)
+    assert ok and why == ["classifier_f1 0.800 -> 0.806"]
+    assert not beats({**shipped, "classifier": {"mean_f1": 0.804}}, shipped)[0]
+    assert not beats({**shipped, "classifier": {"mean_f1": 0.77}}, shipped)[0]
 
 
 def test_audio2au_f1_counts_every_labelled_test_frame(tmp_path):

@@ -124,14 +124,18 @@ def headline(res: dict) -> dict[str, float | None]:
 
 
 # (figure, tolerated drop, margin that counts as an improvement); higher is better for each.
+# classifier_f1's margin is 0.005 since 2026-11-26 (0.02 before): a paired bootstrap over the
+# 300 test clips puts the standard error of a difference between two classifiers at 0.0008-0.0011
+# (MODEL_CARD, seventh and eighth rounds), so 0.005 is more than four of them.
 _TOLERANCES = (("mouth_r_neural", 0.01, 0.01), ("psnr", 0.5, 0.2), ("ssim", 0.01, 0.005),
-               ("audio2au_f1", 0.02, 0.02), ("classifier_f1", 0.02, 0.02), ("generated_au_f1", 0.02, 0.02))
+               ("audio2au_f1", 0.02, 0.02), ("classifier_f1", 0.02, 0.005), ("generated_au_f1", 0.02, 0.02))
 
 
 def beats(candidate: dict, shipped: dict) -> tuple[bool, list[str]]:
     """A candidate replaces the shipped weights when nothing regresses past its tolerance and at
     least one figure improves by its margin (``_TOLERANCES``: real-speech mouth r with the
-    neural renderer 0.01 / 0.01, PSNR 0.5 / 0.2 dB, SSIM 0.01 / 0.005, each F1 0.02 / 0.02).
+    neural renderer 0.01 / 0.01, PSNR 0.5 / 0.2 dB, SSIM 0.01 / 0.005, the AU classifier's F1
+    0.02 / 0.005, the other F1s 0.02 / 0.02).
     Quiet input (the bare model, gate off): a ratio above the 0.1 target is a regression,
     or, where the shipped one is already above 0.1, one higher than the shipped by more than
     0.02; lowering a shipped ratio above 0.1 by 0.02 or more is an improvement.
