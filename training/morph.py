@@ -111,7 +111,9 @@ def morph_faces(faces: Path, out: Path, count: int, seed: int = 0, exclude=(), p
         a, b = parents[i], parents[j]
         try:
             image = morph_pair(a, b, t)
-            aligner.align(image, name="the morph")  # one face, landmarks found: usable by synth
+            if len(aligner.detect(image, name="the morph")) != 1:  # a ghost of a second face: not one identity
+                raise FaceError("not exactly one face in the morph")
+            aligner.align(image, name="the morph")  # landmarks found: usable by synth
         except FaceError:
             report.rejected += 1
             continue
