@@ -208,7 +208,7 @@ def merge_corpora(sources, out) -> dict[str, int]:
                 if e["speaker"] in chosen:
                     roles["identity"][part].add(e["identity"])
                     roles["voice"][part].add(e["voice"])
-        clips += [e for e in entries if e["speaker"] in owner and owner[e["speaker"]] == src]
+        clips += [e for e in entries if owner.get(e["speaker"]) == src]
     leaked = roles["identity"]["train"] & roles["identity"]["test"]
     if leaked:
         raise ShardError(f"identities both trained on and held out in the merge: {', '.join(sorted(leaked))}")

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from avatar_stream.engine.face import FaceAligner, FaceError, apply_transform, read_image, warp_to_crop
+from avatar_stream.engine.face import FaceAligner, FaceError
 from avatar_stream.engine.warp import FaceWarper
 from tqdm import tqdm
 
 from .data import write_json
-from .synth import CROP, Identity, find_identities
+from .synth import Identity, cut_canvas, find_identities
 
 MORPH_SCALE = 2  # the canvas is cut at twice the canonical crop's scale, as synth's is
 MORPH_PAD = 64  # canvas margin: the jaw ring anchors of wide faces stay inside the picture
@@ -46,11 +46,8 @@ class MorphReport:
 
 
 def _canvas(identity: Identity) -> tuple[np.ndarray, np.ndarray]:
-    """(canvas image, landmarks on it): the photo cut with its alignment matrix."""
-    m = np.array(identity.matrix, np.float64) * MORPH_SCALE
-    m[:, 2] += MORPH_PAD
-    size = MORPH_SCALE * CROP + 2 * MORPH_PAD
-    return warp_to_crop(read_image(identity.path), m, size), apply_transform(m, np.array(identity.landmarks))
+    """(canvas image, landmarks on it): synth's canvas cut, with the morph's wider margin."""
+    return cut_canvas(identity, MORPH_SCALE, MORPH_PAD)
 
 
 def morph_pair(a: Identity, b: Identity, t: float) -> np.ndarray:
@@ -87,11 +84,11 @@ def morph_faces(faces: Path, out: Path, count: int, seed: int = 0, exclude=(), p
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     identities, _ = find_identities(faces, out / "cache")
-    known = {i.name for i in identities}
-    unknown = sorted(set(exclude) - known)
+    excluded = set(exclude)
+    unknown = sorted(excluded - {i.name for i in identities})
     if unknown:
         raise ValueError(f"--exclude names no usable photo of {faces}: {', '.join(unknown)}")
-    parents = [i for i in identities if i.name not in set(exclude)]
+    parents = [i for i in identities if i.name not in excluded]
     report = MorphReport(parents=len(parents), excluded=len(identities) - len(parents))
     if len(parents) < 2:
         raise ValueError(f"{faces} has {len(parents)} usable photo(s) to morph; it takes >= 2")
@@ -126,7 +123,7 @@ def morph_faces(faces: Path, out: Path, count: int, seed: int = 0, exclude=(), p
     if report.written < count:
         raise ValueError(f"only {report.written} of {count} morphs could be made from {len(parents)} photos "
                          f"({report.rejected} rejected): ask for fewer")
-    write_json(out / "morphs.json", {"seed": seed, "excluded": sorted(exclude), "morphs": record})
+    write_json(out / "morphs.json", {"seed": seed, "excluded": sorted(excluded), "morphs": record})
     return report
 
 

@@ -319,17 +319,22 @@ def clip_speech(job: ClipJob, rng: np.random.Generator, cache: Path, max_frames:
 # ----------------------------------------------------------------------------- frames
 
 
+def cut_canvas(identity: Identity, scale: int = SCALE, pad: int = PAD) -> tuple[np.ndarray, np.ndarray]:
+    """``(canvas, landmarks on it)``: the photo cut with its alignment matrix at ``scale`` x the
+    canonical crop's scale, with a margin of ``pad`` canvas px (``scale * CROP + 2 * pad`` square)."""
+    to_canvas = np.array(identity.matrix, np.float64) * scale
+    to_canvas[:, 2] += pad
+    canvas = warp_to_crop(read_image(identity.path), to_canvas, scale * CROP + 2 * pad)
+    return canvas, apply_transform(to_canvas, np.array(identity.landmarks))
+
+
 class CanvasFace:
     """A photo cut to a canvas at ``SCALE`` x the canonical crop's scale (margin ``PAD``) and
     prepared for the warp; ``crop(au, blink, jitter)`` renders one 112x112 frame."""
 
     def __init__(self, identity: Identity):
-        photo = read_image(identity.path)
-        to_canvas = np.array(identity.matrix, np.float64) * SCALE
-        to_canvas[:, 2] += PAD
-        size = SCALE * CROP + 2 * PAD
-        self.canvas = warp_to_crop(photo, to_canvas, size)
-        self.warper = FaceWarper(self.canvas, apply_transform(to_canvas, np.array(identity.landmarks)))
+        self.canvas, landmarks = cut_canvas(identity)
+        self.warper = FaceWarper(self.canvas, landmarks)
 
     def crop(self, au, blink: float = 0.0, jitter: np.ndarray | None = None) -> np.ndarray:
         img = self.warper.render(au, blink)
