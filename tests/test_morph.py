@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 import pytest
 from avatar_stream.engine.face import FaceAligner
+from avatar_stream.engine.warp import FaceWarper, face_frame
+from avatar_stream.engine.warp_mesh import N_BORDER_ANCHORS
 from avatar_stream.training import morph
 from avatar_stream.training.cli import main
 from avatar_stream.training.data import (
@@ -62,6 +64,55 @@ def test_morph_ends_are_the_parents_and_the_middle_has_the_mean_shape(identities
     assert err.mean() < 0.25 * apart
     with pytest.raises(ValueError, match="morph weight"):
         morph.morph_pair(a, b, 1.5)
+
+
+def _nose_offset(lm: np.ndarray) -> float:
+    """Nose tip (30) off the middle of the jaw contour (0, 16), in face widths: ~0 frontal."""
+    return float((lm[30, 0] - (lm[0, 0] + lm[16, 0]) / 2) / (lm[16, 0] - lm[0, 0]))
+
+
+def test_turned_mesh_narrows_the_far_side_and_folds_nothing(identities):
+    a = identities["fastronaut"]
+    warper = FaceWarper(*morph._canvas(a))
+    src = warper.src
+    _, ex, _, _, _ = face_frame(src[:68])
+    assert np.array_equal(morph.turn_mesh(src, 0.0), src)
+    for yaw in (-morph.MAX_YAW, 20.0, morph.MAX_YAW):
+        dst = morph.turn_mesh(src, yaw)
+        assert np.array_equal(dst[-N_BORDER_ANCHORS:], src[-N_BORDER_ANCHORS:])  # the image border stays
+        moved = dst - src  # along the eye line only: a turn about the vertical axis
+        assert np.abs(moved[:, 0] * ex[1] - moved[:, 1] * ex[0]).max() < 1e-9
+        assert warper.folds(dst) == 0
+        sign = np.sign(yaw)
+        # the nose moves the turn's way, further than the chin (it stands out of the head) ...
+        assert sign * (dst[30, 0] - src[30, 0]) > sign * (dst[8, 0] - src[8, 0]) > 0
+        # ... and the cheek on that side (now the far one) narrows, the other widens
+        far, near = (16, 0) if yaw > 0 else (0, 16)
+        assert abs(dst[30, 0] - dst[far, 0]) < abs(src[30, 0] - src[far, 0])
+        assert abs(dst[30, 0] - dst[near, 0]) > abs(src[30, 0] - src[near, 0])
+
+
+def test_turned_morph_is_a_face_that_dlib_sees_turned(identities):
+    a, b = identities["fastronaut"], identities["fdarker"]
+    aligner = FaceAligner()
+    offsets = {}
+    for yaw in (-30.0, 0.0, 30.0):
+        image = morph.morph_pair(a, b, 0.0, yaw)
+        assert len(aligner.detect(image, name="the morph")) == 1
+        offsets[yaw] = _nose_offset(aligner.landmarks(image))
+    print("\nnose offset seen by dlib at -30 / 0 / +30 degrees: "
+          + " / ".join(f"{v:+.3f}" for v in offsets.values()))
+    assert offsets[-30.0] < offsets[0.0] - 0.1 and offsets[30.0] > offsets[0.0] + 0.1
+    assert np.array_equal(morph.morph_pair(a, b, 0.0), morph.morph_pair(a, b, 0.0, 0.0))
+
+
+def test_morph_faces_with_yaw_records_the_turns(faces_dir, tmp_path):
+    morph.morph_faces(faces_dir, tmp_path / "y", 3, seed=5, yaw=30.0, progress=False)
+    record = json.loads((tmp_path / "y" / "morphs.json").read_text())
+    assert record["yaw"] == 30.0
+    assert all(10.0 <= abs(m["yaw"]) <= 30.0 for m in record["morphs"].values())
+    with pytest.raises(ValueError, match="--yaw must be in 0..40"):
+        morph.morph_faces(faces_dir, tmp_path / "z", 1, yaw=50.0, progress=False)
 
 
 def test_morph_faces_leaves_out_the_excluded_and_is_deterministic(faces_dir, tmp_path):
