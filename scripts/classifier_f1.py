@@ -5,7 +5,7 @@ differences (MODEL_CARD.md, seventh round onwards).
         --checkpoint runs/clf21/last.safetensors runs/clf22/last.safetensors [--json out.json]
 
 Every checkpoint's ``au_classifier`` (with the identity image as reference where it was
-trained with one) judges every frame of the split (``--split``, default the test split: the
+trained with one) judges every frame of the split once (``--split``, default the test split: the
 10 held-out identities) at threshold 0.5; F1 is ``metrics.au_scores``, the figure
 ``scripts/compare_starter.py`` reports as "AU classifier F1". The first checkpoint is the
 baseline: for each other one the difference of mean F1 is bootstrapped over clips
@@ -26,12 +26,9 @@ import numpy as np
 import torch
 from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.checkpoint import CheckpointError
-from avatar_stream.training.data import AUFrameDataset, ShardError
+from avatar_stream.training.data import AUFrameDataset, ShardError, _to_chw, load_clip, load_frames
 from avatar_stream.training.evaluate import load_au_classifier
 from avatar_stream.training.metrics import au_scores
-
-sys.path.insert(0, str(Path(__file__).parent))
-from classifier_robustness import PERTURBATIONS, inputs  # noqa: E402
 
 
 def counts(prob: np.ndarray, label: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -47,17 +44,20 @@ def f1_of(c: np.ndarray) -> np.ndarray:
         return np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
 
 
-def logits_by_clip(clf, ds: AUFrameDataset):
-    """Per clip of ``ds``: (logits, labels, valid) over all its items' frames."""
-    out = defaultdict(lambda: ([], [], []))
+def logits_by_clip(clf, ds: AUFrameDataset, clips: list[int]):
+    """Per clip index of ``ds``: (logits, labels, valid) of each of its frames, once."""
+    out = {}
     with torch.no_grad():
-        for item, (ci, _) in enumerate(ds.items):
-            x, (y, v) = inputs(clf, ds, item, PERTURBATIONS["as is"])
-            rows = out[ci]
-            rows[0].append(clf(x).numpy())
-            rows[1].append(y.numpy())
-            rows[2].append(v.numpy() > 0)
-    return {ci: tuple(np.concatenate(r) for r in rows) for ci, rows in out.items()}
+        for ci in clips:
+            entry = ds.entries[ci]
+            idx = np.arange(entry["frames"])
+            frames = _to_chw(load_frames(ds.root, entry, idx))
+            ident = _to_chw(load_clip(ds.root, entry, ("identity",))["identity"])[None]
+            logits = np.concatenate([clf(clf.inputs(frames[k : k + 256], ident)).numpy()
+                                     for k in range(0, len(idx), 256)])
+            y, v = ds.labels(ci, idx)
+            out[ci] = (logits, y.numpy(), v.numpy() > 0)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,16 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         ds = AUFrameDataset(args.data, args.split, per_item=16)
-        models = [(str(path), load_au_classifier(path)) for path in args.checkpoint]
+        models = [(f"{path}" + (f" #{k}" if args.checkpoint.count(path) > 1 else ""), load_au_classifier(path))
+                  for k, path in enumerate(args.checkpoint)]
     except (ShardError, CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         print(f"classifier_f1: {e}", file=sys.stderr)
         return 2
     rng = np.random.default_rng(args.seed)
+    clips = list(range(len(ds.entries)))
     if args.clips > 0:
-        keep = set(rng.choice(len(ds.entries), min(args.clips, len(ds.entries)), replace=False).tolist())
-        ds.items = [it for it in ds.items if it[0] in keep]
-    per_model = {name: logits_by_clip(clf, ds) for name, clf in models}
-    clips = sorted(next(iter(per_model.values())))
+        clips = sorted(rng.choice(len(clips), min(args.clips, len(clips)), replace=False).tolist())
+    per_model = {name: logits_by_clip(clf, ds, clips) for name, clf in models}
     if args.ensemble and len(models) > 1:
         per_model["ensemble (mean logit)"] = {
             ci: (np.mean([per_model[n][ci][0] for n, _ in models], axis=0),) + per_model[models[0][0]][ci][1:]

@@ -8,6 +8,8 @@ taken with a random weight ``t``, each photo is warped onto that mesh piecewise-
 (engine/warp.py ``FaceWarper.reshape``) and the two warped photos are blended with the same
 ``t``. The face shape, skin, eyes, brows and lips of the morph lie between those of its
 parents; backgrounds and hair blend into ghosts, which the 112 px face crop mostly cuts off.
+With ``--yaw`` each morph is also turned about its vertical axis (``turn_mesh``): most photos
+are frontal, and a morph is as frontal as the mean of its parents.
 
 Only photos that are not held out may be parents: ``--exclude-test-of CORPUS`` reads a synth
 corpus's split.json and leaves its test identities out, so a corpus made from the morphs
