@@ -6,7 +6,8 @@
 Writes ``OUT.safetensors`` + ``OUT.json`` (training/checkpoint.py format) holding module
 ``generator`` (Audio2AU inside it) from ``--train`` and ``au_classifier`` from
 ``--au-classifier`` (or the train run's own, when it trained with L_au), without optimizer
-state or RNG rows. Both must have the same architecture (loss weights may differ); the
+state or RNG rows. ``--train`` may be an assembled starter (``pkg/starter/starter.safetensors``):
+its generator, and the record of where that came from, are kept. Both must have the same architecture (loss weights may differ); the
 file carries the train run's config. ``extra`` records where each came
 from and the stage extras, so the model card can be checked against the file.
 """
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modules["au_classifier"] = clf_states["au_classifier"]
     cfg = dataclasses.replace(cfg, **{name: getattr(clf_cfg, name) for name in CLASSIFIER_FIELDS})
-    meta = {"generator_from": str(args.train), "generator_extra": extra,
+    # --train may be an assembled starter itself (a new classifier for the shipped generator):
+    # keep where its generator came from
+    gen_from, gen_extra = ((extra["generator_from"], extra["generator_extra"]) if "generator_from" in extra
+                           else (str(args.train), extra))
+    meta = {"generator_from": gen_from, "generator_extra": gen_extra,
             "au_classifier_from": str(clf_src), "au_classifier_extra": clf_extra}
     out = save_checkpoint(args.out, modules, cfg, extra=meta)
     print(f"wrote {out}")

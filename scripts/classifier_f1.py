@@ -10,7 +10,9 @@ trained with one) judges every frame of the split once (``--split``, default the
 ``scripts/compare_starter.py`` reports as "AU classifier F1". The first checkpoint is the
 baseline: for each other one the difference of mean F1 is bootstrapped over clips
 (``--resamples`` resamples of the split's clips with replacement, the same resample for both
-classifiers), which gives its standard error and a 95 % interval. ``--ensemble`` adds the
+classifiers), which gives its standard error and a 95 % interval; the same resamples give
+each figure's own standard error (clips, not identities, are resampled: it does not cover
+the choice of the 10 held-out faces). ``--ensemble`` adds the
 mean logit of all checkpoints as one more row.
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         f1 = f1_of(cnt[m].sum(0))
         faces = {f: float(np.nanmean(f1_of(cnt[m][[i for i, g in enumerate(ident) if g == f]].sum(0))))
                  for f in sorted(set(ident))}
-        row = {"mean_f1": float(np.nanmean(f1)), "f1": [float(v) for v in f1], "by_identity": faces}
+        row = {"mean_f1": float(np.nanmean(f1)), "se": float(boot[m].std(ddof=1)), "f1": [float(v) for v in f1],
+               "by_identity": faces}
         if m:
             d = boot[m] - boot[0]
             row["diff_vs_first"] = {"mean": float(np.nanmean(f1) - table[names[0]]["mean_f1"]),
@@ -116,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     assert abs(ref.mean_f1 - table[names[0]]["mean_f1"]) < 1e-9
     print(f"{args.split} split: {len(clips)} clips, {frames} frames, {len(set(ident))} identities; "
           f"bootstrap {args.resamples} resamples of clips")
-    print(f"checkpoint | mean F1 | per AU ({' / '.join(AU_NAMES)}) | vs first: diff (SE) [95 %]")
+    print(f"checkpoint | mean F1 (SE) | per AU ({' / '.join(AU_NAMES)}) | vs first: diff (SE) [95 %]")
     for name, row in table.items():
         d = row.get("diff_vs_first")
         diff = f"{d['mean']:+.4f} ({d['se']:.4f}) [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else ""
-        print(f"{name} | {row['mean_f1']:.4f} | {' / '.join(f'{v:.3f}' for v in row['f1'])} | {diff}")
+        print(f"{name} | {row['mean_f1']:.4f} ({row['se']:.4f}) | {' / '.join(f'{v:.3f}' for v in row['f1'])} | {diff}")
     print("per identity: " + "; ".join(
         f"{f} " + " ".join(f"{table[n]['by_identity'][f]:.3f}" for n in names) for f in sorted(set(ident))))
     if args.json:

@@ -37,6 +37,14 @@ def test_assemble_takes_the_classifier_option_from_its_run(tmp_path):
     again = AUClassifier(cfg)
     again.load_state_dict(states["au_classifier"])  # the 6-channel classifier fits the stored config
     assert extra["au_classifier_from"].endswith("clf.safetensors")
+    assert extra["generator_from"].endswith("train.safetensors")
+    # an assembled starter as --train: its generator, and where that came from, are kept
+    r = _run("--train", tmp_path / "starter.safetensors", "--au-classifier", tmp_path / "clf.safetensors",
+             "--out", tmp_path / "again")
+    assert r.returncode == 0, r.stderr
+    _, states2, extra2 = load_checkpoint(tmp_path / "again")
+    assert all(torch.equal(states2["generator"][k], v) for k, v in states["generator"].items())
+    assert extra2["generator_from"] == extra["generator_from"] and extra2["generator_extra"] == extra["generator_extra"]
     # another architecture is refused with one line
     other = ModelConfig.tiny(f_id=32)
     save_checkpoint(tmp_path / "clf2", {"au_classifier": AUClassifier(other).state_dict()}, other)
