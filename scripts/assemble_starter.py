@@ -7,9 +7,10 @@ Writes ``OUT.safetensors`` + ``OUT.json`` (training/checkpoint.py format) holdin
 ``generator`` (Audio2AU inside it) from ``--train`` and ``au_classifier`` from
 ``--au-classifier`` (or the train run's own, when it trained with L_au), without optimizer
 state or RNG rows. ``--train`` may be an assembled starter (``pkg/starter/starter.safetensors``):
-its generator, and the record of where that came from, are kept. Both must have the same architecture (loss weights may differ); the
-file carries the train run's config. ``extra`` records where each came
-from and the stage extras, so the model card can be checked against the file.
+its generator, and the record of where that came from, are kept. Both must have the same
+architecture (loss weights may differ); the file carries the train run's config. ``extra``
+records where each came from and the stage extras, so the model card can be checked against
+the file.
 """
 
 from __future__ import annotations

@@ -29,20 +29,11 @@ from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.checkpoint import CheckpointError
 from avatar_stream.training.data import AUFrameDataset, ShardError, _to_chw, load_clip, load_frames
 from avatar_stream.training.evaluate import load_au_classifier
-from avatar_stream.training.metrics import au_scores
+from avatar_stream.training.metrics import au_counts, au_scores, f1_from_counts
 
 
-def counts(prob: np.ndarray, label: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``(3, n_au)`` true positives, false positives, false negatives at threshold 0.5."""
-    p, y = prob >= 0.5, label.astype(bool)
-    return np.stack([(p & y & valid).sum(0), (p & ~y & valid).sum(0), (~p & y & valid).sum(0)])
-
-
-def f1_of(c: np.ndarray) -> np.ndarray:
-    """Per-AU F1 of summed counts ``(..., 3, n_au)`` (NaN where an AU has none: 0/0)."""
-    tp, fp, fn = c[..., 0, :], c[..., 1, :], c[..., 2, :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+def _prob(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
 
 
 def logits_by_clip(clf, ds: AUFrameDataset, clips: list[int]):
@@ -91,17 +82,17 @@ def main(argv: list[str] | None = None) -> int:
             for ci in clips}
     names = list(per_model)
     # counts[m, clip] (3, n_au); identity of each clip
-    cnt = np.stack([[counts(1 / (1 + np.exp(-per_model[n][ci][0])), *per_model[n][ci][1:]) for ci in clips]
+    cnt = np.stack([[au_counts(_prob(per_model[n][ci][0]), *per_model[n][ci][1:]) for ci in clips]
                     for n in names])
     ident = [ds.entries[ci].get("identity", ds.entries[ci]["speaker"]) for ci in clips]
     frames = sum(len(per_model[names[0]][ci][1]) for ci in clips)
     # multinomial clip weights: one bootstrap resample of the clips, shared by all classifiers
     w = rng.multinomial(len(clips), np.full(len(clips), 1 / len(clips)), size=args.resamples)
-    boot = np.nanmean(f1_of(np.einsum("rc,mcku->mrku", w, cnt)), axis=-1)  # (models, resamples)
+    boot = np.nanmean(f1_from_counts(np.einsum("rc,mcku->mrku", w, cnt)), axis=-1)  # (models, resamples)
     table = {}
     for m, name in enumerate(names):
-        f1 = f1_of(cnt[m].sum(0))
-        faces = {f: float(np.nanmean(f1_of(cnt[m][[i for i, g in enumerate(ident) if g == f]].sum(0))))
+        f1 = f1_from_counts(cnt[m].sum(0))
+        faces = {f: float(np.nanmean(f1_from_counts(cnt[m][[i for i, g in enumerate(ident) if g == f]].sum(0))))
                  for f in sorted(set(ident))}
         row = {"mean_f1": float(np.nanmean(f1)), "se": float(boot[m].std(ddof=1)), "f1": [float(v) for v in f1],
                "by_identity": faces}
@@ -113,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         table[name] = row
     # the check every figure rests on: the same F1 as metrics.au_scores over all frames
     first = per_model[names[0]]
-    ref = au_scores(1 / (1 + np.exp(-np.concatenate([first[ci][0] for ci in clips]))),
+    ref = au_scores(_prob(np.concatenate([first[ci][0] for ci in clips])),
                     np.concatenate([first[ci][1] for ci in clips]), np.concatenate([first[ci][2] for ci in clips]))
     assert abs(ref.mean_f1 - table[names[0]]["mean_f1"]) < 1e-9
     print(f"{args.split} split: {len(clips)} clips, {frames} frames, {len(set(ident))} identities; "

@@ -118,6 +118,25 @@ def _num(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
+def au_counts(pred, labels, valid=None, threshold: float = 0.5) -> np.ndarray:
+    """``(3, n_au)`` true positives, false positives and false negatives of ``pred``
+    (probabilities or 0/1, ``(N, n_au)``) against occurrence ``labels``, over the frames
+    ``valid`` (bool ``(N, n_au)``, None = all) marks as labelled. Counts add up over frames,
+    so F1 over any set of clips is ``f1_from_counts`` of their summed counts."""
+    p = np.asarray(pred, dtype=np.float64) >= threshold
+    y = np.asarray(labels).astype(bool)
+    m = np.ones_like(y) if valid is None else np.asarray(valid, dtype=bool)
+    return np.stack([(p & y & m).sum(0), (p & ~y & m).sum(0), (~p & y & m).sum(0)])
+
+
+def f1_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Per-AU F1 of ``au_counts`` rows ``(..., 3, n_au)``; NaN for an AU with no positive
+    label and no positive prediction (0/0)."""
+    tp, fp, fn = counts[..., 0, :], counts[..., 1, :], counts[..., 2, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+
+
 def au_scores(pred, labels, valid=None, threshold: float = 0.5) -> AUScores:
     """Per-AU F1 and accuracy of ``pred`` (probabilities or 0/1, ``(N, 5)``) against occurrence
     ``labels`` ``(N, 5)``; ``valid`` (bool ``(N, 5)``) masks frames whose label is unknown.
@@ -125,12 +144,9 @@ def au_scores(pred, labels, valid=None, threshold: float = 0.5) -> AUScores:
     p = np.asarray(pred, dtype=np.float64) >= threshold
     y = np.asarray(labels).astype(bool)
     m = np.ones_like(y) if valid is None else np.asarray(valid, dtype=bool)
-    tp = (p & y & m).sum(0)
-    fp = (p & ~y & m).sum(0)
-    fn = (~p & y & m).sum(0)
+    f1 = f1_from_counts(au_counts(p, y, m))
     n = m.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
         acc = np.where(n > 0, ((p == y) & m).sum(0) / n, np.nan)
     return AUScores(f1=f1.astype(np.float64), accuracy=acc.astype(np.float64), count=n.astype(np.int64))
 
