@@ -125,20 +125,27 @@ def _validate_clip(frames, audio, identity, au, au_label):
 
 
 def write_clip(root, speaker: str, utt: str, frames, audio, identity, au=None, au_label=None,
-               voice: str | None = None, identity_name: str | None = None) -> dict:
+               voice: str | None = None, identity_name: str | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> dict:
     """Write one clip to ``ROOT/clips/<speaker>/<utt>.npz`` and record it in ``ROOT/index.json``.
 
     ``frames`` uint8 (T, 112, 112, 3); ``audio`` float32 (T * 640,) at 16 kHz; ``identity`` uint8
     (112, 112, 3); ``au`` float32 (T, 5) in [0, 1] or None (unknown: NaN); ``au_label`` uint8
     (T, 5) or None (derived from ``au`` >= 0.2). ``voice`` and ``identity_name`` name the voice
-    and the face (default: the speaker). Returns the index entry. Rewriting a clip replaces it."""
+    and the face (default: the speaker). ``extra``: more arrays stored beside them (real video:
+    landmarks, mouth measures), which readers that do not ask for them never load. Returns the
+    index entry. Rewriting a clip replaces it."""
     root = Path(root)
     _check_name("speaker", speaker)
     _check_name("utterance", utt)
     frames, audio, identity, au, au_label = _validate_clip(frames, audio, identity, au, au_label)
     rel = clip_relpath(speaker, utt)
+    extra = dict(extra or {})
+    clash = set(extra) & {"frames", "audio", "identity", "au", "au_label"}
+    if clash:
+        raise ShardError(f"extra arrays {sorted(clash)} would replace the clip's own: rename them")
     _atomic_write(root / rel, lambda f: np.savez(f, frames=frames, audio=audio, identity=identity,
-                                                 au=au, au_label=au_label))
+                                                 au=au, au_label=au_label, **extra))
     entry = {"path": rel, "speaker": speaker, "voice": voice or speaker,
              "identity": identity_name or speaker, "frames": int(len(frames))}
     with _index_lock(root):
