@@ -32,9 +32,18 @@ GRAPH_IO: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyTy
         "identity": (("face",), ("f_id", "skip0", "skip1", "skip2", "skip3")),
         "frame": (("pcm",), ("feat", "au_prob")),
         "tcsan_decoder": (("feats", "f_id", "skip0", "skip1", "skip2", "skip3"), ("frame",)),
+        "mouth": (("feats",), ("mouth",)),
     }
 )
-GRAPH_FILES: Mapping[str, str] = MappingProxyType({g: f"{g}.onnx" for g in GRAPH_IO})
+# The graphs every model directory has; ``mouth`` (the mouth head trained on real video,
+# training/mouth_head.py) is optional: without it the warp renderer reads the Audio2AU
+# probabilities instead.
+REQUIRED_GRAPHS = ("identity", "frame", "tcsan_decoder")
+OPTIONAL_GRAPHS = ("mouth",)
+GRAPH_FILES: Mapping[str, str] = MappingProxyType({g: f"{g}.onnx" for g in REQUIRED_GRAPHS})
+OPTIONAL_GRAPH_FILES: Mapping[str, str] = MappingProxyType({g: f"{g}.onnx" for g in OPTIONAL_GRAPHS})
+# Card fields a card may lack (older exports): their default applies.
+OPTIONAL_FIELDS = ("head",)
 
 # Card fields whose value this engine build fixes: a different value means the graph was
 # made for another definition of time or another AU set.
@@ -100,11 +109,16 @@ class ModelCard:
     parity: Mapping[str, float]
     format: str = CARD_FORMAT
     card_version: int = CARD_VERSION
+    # The mouth graph's own description (its config, checkpoint, measures, what it was
+    # trained on); empty for the other graphs.
+    head: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (without ``source``, which is where it was read from)."""
-        return {f.name: _thawed(getattr(self, f.name)) for f in fields(self) if f.name != "source"}
+        """Plain JSON-ready dict (without ``source``, which is where it was read from, and
+        without an empty ``head``, so the other graphs' cards read as before)."""
+        return {f.name: _thawed(getattr(self, f.name)) for f in fields(self)
+                if f.name != "source" and not (f.name == "head" and not self.head)}
 
     def to_json(self) -> str:
         # Key order is meaningful: inputs/outputs are listed in graph order.
@@ -132,10 +146,10 @@ def card_from_dict(data: Mapping[str, Any], source: str = "card") -> ModelCard:
                 f"{source}: card {key}={got!r} but this engine expects {want!r}: {REEXPORT}"
             )
     names = [f.name for f in fields(ModelCard) if f.name != "source"]
-    missing = [n for n in names if n not in data]
+    missing = [n for n in names if n not in data and n not in OPTIONAL_FIELDS]
     if missing:
         raise ModelCardError(f"{source}: model card lacks {', '.join(missing)}: {REEXPORT}")
-    card = ModelCard(**{n: _frozen(data[n]) for n in names}, source=source)
+    card = ModelCard(**{n: _frozen(data[n]) for n in names if n in data}, source=source)
     _check_consistency(card, source)
     return card
 
@@ -198,9 +212,11 @@ def read_card(onnx_path: str | Path) -> ModelCard:
 
 
 def load_model_dir(path: str | Path) -> dict[str, ModelCard]:
-    """Cards of the three graphs of an exported model directory, keyed by graph name.
+    """Cards of the graphs of an exported model directory (the three required ones and
+    ``mouth`` where present), keyed by graph name.
 
-    Checks that the graphs belong together (same checkpoint, feature size and lookahead).
+    Checks that the graphs belong together (same checkpoint, feature size and lookahead):
+    a mouth head carries the checkpoint of the frame graph whose features it was trained on.
     """
     root = Path(path)
     if not root.is_dir():
@@ -216,6 +232,13 @@ def load_model_dir(path: str | Path) -> dict[str, ModelCard]:
         if card.graph != graph:
             raise ModelCardError(f"{f} carries the card of graph {card.graph!r}, not {graph!r}: {REEXPORT}")
         cards[graph] = card
+    for graph, fname in OPTIONAL_GRAPH_FILES.items():
+        f = root / fname
+        if f.is_file():
+            card = read_card(f)
+            if card.graph != graph:
+                raise ModelCardError(f"{f} carries the card of graph {card.graph!r}, not {graph!r}: {REEXPORT}")
+            cards[graph] = card
     _check_same_model(cards, root)
     return cards
 
@@ -223,7 +246,14 @@ def load_model_dir(path: str | Path) -> dict[str, ModelCard]:
 def _check_same_model(cards: Mapping[str, ModelCard], root: Path) -> None:
     for key in ("checkpoint_sha256", "frame_feature_dim", "lookahead_frames", "exporter_version"):
         values = {g: getattr(c, key) for g, c in cards.items()}
+        if key == "exporter_version":  # a mouth head may be exported later, by a newer avatar-export
+            values = {g: v for g, v in values.items() if g in REQUIRED_GRAPHS}
         if len(set(values.values())) > 1:
+            if "mouth" in values and len(set(v for g, v in values.items() if g != "mouth")) == 1:
+                raise ModelCardError(
+                    f"{root}: mouth.onnx was trained on the features of another model ({key} "
+                    f"{values['mouth']} vs {values['frame']}): train it on this model's features "
+                    f"(avatar-train train-mouth --model {root}) or delete it")
             raise ModelCardError(
                 f"{root}: graphs disagree on {key} ({values}): they come from different exports; "
                 f"{REEXPORT} into an empty directory"

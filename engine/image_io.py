@@ -147,3 +147,21 @@ def _tiff_orientation(tiff: bytes) -> int:
             value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
             return value if 1 <= value <= 8 else 1
     return 1
+
+
+# Channel spread (max - min of R, G, B) up to which a pixel counts as gray: JPEG's chroma
+# rounding leaves a gray photo a level or two off.
+GRAY_SPREAD = 3
+
+
+def is_grayscale(image: np.ndarray, share: float = 0.995) -> bool:
+    """Whether an RGB ``uint8`` image is a gray photo (``share`` of its pixels within
+    ``GRAY_SPREAD`` levels across channels): its generated faces must stay gray."""
+    img = image[::4, ::4].astype(np.int16)  # a sample is enough, and keeps this cheap on big photos
+    spread = img.max(2) - img.min(2)
+    return bool((spread <= GRAY_SPREAD).mean() >= share)
+
+
+def to_gray_rgb(image: np.ndarray) -> np.ndarray:
+    """RGB ``uint8`` -> the same image in gray (three equal channels, ITU-R 601 luma)."""
+    return cv2.cvtColor(cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from avatar_stream.engine import timebase as tb
-from avatar_stream.engine.card import GRAPH_FILES, ModelCard, ModelCardError, load_model_dir
+from avatar_stream.engine.card import GRAPH_FILES, OPTIONAL_GRAPH_FILES, ModelCard, ModelCardError, load_model_dir
 from avatar_stream.engine.runners import ORT_BACKENDS, Runner, RunnerError, available_backends, make_runner
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
@@ -94,6 +94,7 @@ class LoadedModel:
     identity: Runner
     frame: Runner
     decoder: Runner
+    mouth: Runner | None = None  # the mouth head (mouth.onnx) where the directory has one
 
     @property
     def card(self) -> ModelCard:
@@ -128,6 +129,16 @@ class LoadedModel:
             feed[name] = np.repeat(arr, b, axis=0) if arr.shape[0] != b else arr
         img = run_batched(self.decoder, feed)["frame"]
         return to_uint8_hwc(img)
+
+
+    @property
+    def mouth_measures(self) -> tuple[str, ...]:
+        """Names of the mouth head's outputs (empty without a mouth head)."""
+        return tuple(self.cards["mouth"].head.get("measures", ())) if self.mouth is not None else ()
+
+    def mouth_shape(self, feats: np.ndarray) -> np.ndarray:
+        """feats (B, 2R+1, D) -> mouth measures (B, M) relative to rest, inter-ocular distances."""
+        return run_batched(self.mouth, {"feats": np.ascontiguousarray(feats, dtype=np.float32)})["mouth"]
 
 
 def to_uint8_hwc(img: np.ndarray) -> np.ndarray:
@@ -171,7 +182,11 @@ def load_model(model_dir: str | Path | None = None, backend: str = "auto",
                             str(e).splitlines()[0], candidates[n + 1])
                 continue
             raise BackendError(str(e)) from e
+        # The mouth head is a few thousand multiply-adds per frame: one CPU thread, whatever
+        # the backend (a GPU call would cost more than the work).
+        mouth = (make_runner(root / OPTIONAL_GRAPH_FILES["mouth"], "cpu", require=True, threads=1, spin=False)
+                 if "mouth" in cards else None)
         return LoadedModel(model_dir=root, backend=runner_backend, cards=cards,
                            identity=runners["identity"], frame=runners["frame"],
-                           decoder=runners["tcsan_decoder"])
+                           decoder=runners["tcsan_decoder"], mouth=mouth)
     raise AssertionError("unreachable: candidates is never empty")

@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 from avatar_stream.engine import timebase as tb
+from avatar_stream.engine.alive import IdleMotion
 from avatar_stream.engine.audio import StreamResampler, check_audio
 from avatar_stream.engine.face import AlignedFace, FaceAligner, paste_back, warp_to_crop
 from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, NoiseGate
+from avatar_stream.engine.image_io import is_grayscale, to_gray_rgb
 from avatar_stream.engine.model import LoadedModel, load_model
 
 
@@ -47,6 +49,9 @@ class Frame:
     image: np.ndarray  # RGB uint8, full photo (or the 112x112 crop when crop_only)
     crop: np.ndarray  # RGB uint8 112x112, the generated face
     au: np.ndarray  # (5,) Audio2AU probabilities for this frame, AU_NAMES order
+    # (4,) the mouth head's measures (engine/mouth.py MEASURES: opening, width, jaw, lip
+    # height), changes from silence in inter-ocular distances; None without a mouth head.
+    mouth: np.ndarray | None = None
 
     @property
     def pts(self) -> int:
@@ -67,7 +72,21 @@ class FaceContext:
     f_id: np.ndarray
     skips: dict[str, np.ndarray]
     warp: object | None = None
+    # Renderer ``neural`` with idle motion: the photo's mesh, which carries the composed frame
+    # through blinks and head sway.
+    motion: object | None = None
+    gray: bool = False  # a gray photo: generated faces are made gray too
 
+    @property
+    def seed(self) -> int:
+        """A number fixed by the photo (the idle motion's default seed: two photos do not
+        blink in step, the same photo always blinks the same way)."""
+        import zlib
+
+        return zlib.crc32(np.ascontiguousarray(self.aligned.crop).tobytes())
+
+
+RENDERERS = ("neural", "warp")  # the first is the default
 
 # Warp intensity at AU probability 1, AU_NAMES order: for AU10/14/20 the strongest target the
 # phoneme table (training/au_table.py) gives them ("ee" spreads the lips by AU20 0.75), so a
@@ -100,16 +119,23 @@ class Engine:
     ``noise_gate_dbfs``: frames whose audio window stays below this level get the features
     of digital silence (engine/gate.py), so room noise does not move the mouth; None = off.
     ``frame_backend``: where the frame graph runs, ``cpu`` (default) or ``same`` as ``backend``
-    (engine/model.py says why).
+    (engine/model.py says why). ``alive``: idle blinks and a slight head sway
+    (engine/alive.py); off, the photo only moves its mouth.
+
+    The warp renderer reads the model's mouth head (``mouth.onnx``: the mouth's shape learned
+    from real video) where the model has one, and the Audio2AU probabilities otherwise.
     """
 
     def __init__(self, model_dir: str | Path | None = None, backend: str = "auto",
-                 renderer: str = "neural", face_aligner: FaceAligner | None = None,
-                 noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS, frame_backend: str = "cpu"):
-        if renderer not in ("neural", "warp"):
-            raise ValueError(f"unknown renderer {renderer!r}: use 'neural' or 'warp'")
+                 renderer: str = RENDERERS[0], face_aligner: FaceAligner | None = None,
+                 noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS, frame_backend: str = "cpu",
+                 alive: bool = True):
+        if renderer not in RENDERERS:
+            raise ValueError(f"unknown renderer {renderer!r}: use {' or '.join(map(repr, RENDERERS))}")
         self.model: LoadedModel = load_model(model_dir, backend, frame_backend)
         self.renderer = renderer
+        self.alive = bool(alive)
+        self._silent_mouth: np.ndarray | None = None
         self.aligner = face_aligner or FaceAligner()
         self.lookahead_frames: int = self.model.lookahead_frames
         self.latency = tb.Latency(self.lookahead_frames)
@@ -122,6 +148,21 @@ class Engine:
             feat, au = self.model.frame_features(np.zeros((1, tb.WINDOW_SAMPLES), dtype=np.float32))
             self._silent = (feat[0], au[0])
         return self._silent
+
+    @property
+    def has_mouth_head(self) -> bool:
+        return self.model.mouth is not None
+
+    def mouth_shape(self, feats: np.ndarray) -> np.ndarray | None:
+        """(B, 2R+1, D) feature windows -> (B, M) mouth measures as changes from silence
+        (the head's output for the features of silence subtracted, so a silent or gated
+        window leaves the photo's mouth exactly as it is); None without a mouth head."""
+        if self.model.mouth is None:
+            return None
+        if self._silent_mouth is None:
+            silent = np.broadcast_to(self.silent_features()[0], feats.shape[1:])[None]
+            self._silent_mouth = self.model.mouth_shape(silent)[0]
+        return self.model.mouth_shape(feats) - self._silent_mouth
 
     def frame_features(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-frame features + AU probabilities of (N, WINDOW_SAMPLES) PCM windows, gated."""
@@ -138,18 +179,25 @@ class Engine:
     def prepare_face(self, photo: np.ndarray, face_index: int | None = None) -> FaceContext:
         aligned = self.aligner.align(photo, face_index=face_index)
         f_id, skips = self.model.encode_identity(aligned.crop[None])
-        warp = None
+        warp = motion = None
         if self.renderer == "warp":
             from avatar_stream.engine.warp import WarpRenderer
 
-            warp = WarpRenderer(photo, aligned)
-        return FaceContext(photo=photo, aligned=aligned, f_id=f_id, skips=skips, warp=warp)
+            warp = WarpRenderer(photo, aligned, moving_head=self.alive)
+        elif self.alive:
+            from avatar_stream.engine.warp import FaceWarper
+
+            motion = FaceWarper(photo, aligned.landmarks, moving_head=True)
+        return FaceContext(photo=photo, aligned=aligned, f_id=f_id, skips=skips, warp=warp, motion=motion,
+                           gray=is_grayscale(photo))
 
     def create_stream(self, face: FaceContext | np.ndarray, face_index: int | None = None,
-                      output_size: tuple[int, int] | None = None, crop_only: bool = False) -> Stream:
+                      output_size: tuple[int, int] | None = None, crop_only: bool = False,
+                      seed: int | None = None) -> Stream:
+        """``seed``: the idle motion's (default: one fixed by the photo, ``FaceContext.seed``)."""
         if not isinstance(face, FaceContext):
             face = self.prepare_face(face, face_index)
-        return Stream(self, face, output_size=output_size, crop_only=crop_only)
+        return Stream(self, face, output_size=output_size, crop_only=crop_only, seed=seed)
 
 
 def _prefetch_features(engine: Engine, streams: list[Stream]) -> None:
@@ -183,6 +231,10 @@ def step_many(streams: list[Stream]) -> list[Frame | None]:
     ready = [i for i, s in enumerate(streams) if s.is_ready()]
     _prefetch_features(engine, [streams[i] for i in ready])
     begun = {i: streams[i]._begin_step() for i in ready}
+    mouths: dict[int, np.ndarray] = {}
+    if ready and engine.has_mouth_head:
+        for i, m in zip(ready, engine.mouth_shape(np.stack([begun[i][1] for i in ready])), strict=True):
+            mouths[i] = m
     t1 = time.perf_counter()
     crops: dict[int, np.ndarray] = {}
     neural = [i for i in ready if streams[i].face.warp is None]
@@ -197,7 +249,7 @@ def step_many(streams: list[Stream]) -> list[Frame | None]:
 
     def finish(i: int) -> Frame:
         k, _, window_au = begun[i]
-        return streams[i]._finish_step(k, crops.get(i), window_au, t0, t1)
+        return streams[i]._finish_step(k, crops.get(i), window_au, t0, t1, mouths.get(i))
 
     # Paste-back at the photo's size is per stream (about 0.4 ms at 512x512) and OpenCV
     # releases the GIL: with many streams it runs on threads. Each stream's state is touched by
@@ -224,12 +276,13 @@ class Stream:
     the per-frame feature cache, the frame cursor and counters."""
 
     def __init__(self, engine: Engine, face: FaceContext,
-                 output_size: tuple[int, int] | None = None, crop_only: bool = False):
+                 output_size: tuple[int, int] | None = None, crop_only: bool = False, seed: int | None = None):
         self.engine = engine
         self.face = face
         self.output_size = output_size
         self.crop_only = crop_only
         self.times = StageTimes()
+        self.idle = IdleMotion(face.seed if seed is None else int(seed)) if engine.alive else None
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
@@ -372,11 +425,12 @@ class Stream:
             raise RuntimeError("step() called while not is_ready()")
         t0 = time.perf_counter()
         k, feats, window_au = self._begin_step()
+        mouth = self.engine.mouth_shape(feats[None])
         t1 = time.perf_counter()
         crop = None
         if self.face.warp is None:
             crop = self.engine.model.decode(feats[None], self.face.f_id, self.face.skips)[0]
-        return self._finish_step(k, crop, window_au, t0, t1)
+        return self._finish_step(k, crop, window_au, t0, t1, None if mouth is None else mouth[0])
 
     def _begin_step(self) -> tuple[int, np.ndarray, np.ndarray]:
         """Frame index, its (2R+1, D) feature window and the window's AU probabilities."""
@@ -385,15 +439,18 @@ class Stream:
         return k, feats, window_au
 
     def _finish_step(self, k: int, crop: np.ndarray | None, window_au: np.ndarray,
-                     t0: float, t1: float) -> Frame:
+                     t0: float, t1: float, mouth: np.ndarray | None = None) -> Frame:
         """Compose frame ``k`` from its decoded crop (renderer ``neural``) or by warping the
-        photo with the smoothed AUs (renderer ``warp``, ``crop`` None); advance the cursor."""
+        photo (renderer ``warp``, ``crop`` None) to the mouth head's shape (or, without one,
+        the smoothed AUs); blinks and head sway on top; advance the cursor."""
         au = self._feats[k][1]
+        blink, pose = self._idle(k)
         if crop is not None:
             t2 = time.perf_counter()
-            image = crop if self.crop_only else self._compose(crop)
+            image = crop if self.crop_only else self._compose(crop, blink, pose)
         else:
-            full = self.face.warp.render(smoothed_au(window_au))
+            drive = self.face.warp.warper.au_for_mouth(mouth) if mouth is not None else smoothed_au(window_au)
+            full = self.face.warp.render(drive, blink, pose=pose)
             t2 = time.perf_counter()
             crop = warp_to_crop(full, self.face.aligned.matrix)
             image = crop if self.crop_only else self._resize(full)
@@ -404,7 +461,15 @@ class Stream:
         self._next_out += 1
         self.frames_out += 1
         self._forget_before(self._next_out)
-        return Frame(index=k, image=image, crop=crop, au=au)
+        return Frame(index=k, image=image, crop=crop, au=au, mouth=mouth)
+
+    def _idle(self, k: int) -> tuple[float, tuple[float, float, float] | None]:
+        """Blink and head pose of frame ``k`` (0 and None when the engine is not ``alive``)."""
+        if self.idle is None:
+            return 0.0, None
+        h = self.face.warp.warper.face_height if self.face.warp is not None else \
+            (self.face.motion.face_height if self.face.motion is not None else 0.0)
+        return self.idle.blink(k), self.idle.pose(k, h)
 
     def skip(self, n: int = 1) -> int:
         """Drop the next ``n`` ready frames without rendering them (compute fell behind).
@@ -417,8 +482,14 @@ class Stream:
         self._forget_before(self._next_out)
         return dropped
 
-    def _compose(self, crop: np.ndarray) -> np.ndarray:
-        return self._resize(paste_back(self.face.photo, crop, self.face.aligned.matrix))
+    def _compose(self, crop: np.ndarray, blink: float = 0.0, pose=None) -> np.ndarray:
+        if self.face.gray:  # the decoder has only seen colour faces: it colours gray ones
+            crop = to_gray_rgb(crop)
+        image = paste_back(self.face.photo, crop, self.face.aligned.matrix)
+        motion = self.face.motion
+        if motion is not None and (blink or pose is not None):
+            image = motion.warp_image(image, motion.points(np.zeros(5), blink, pose))
+        return self._resize(image)
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
         if self.output_size is None:

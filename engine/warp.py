@@ -26,8 +26,10 @@ import cv2
 import numpy as np
 
 from .face import AlignedFace, FaceError, apply_transform, warp_to_crop
+from .image_io import is_grayscale
+from .mouth import MEASURES, mouth_measures
 from .timebase import AU_NAMES
-from .warp_mesh import N_BORDER_ANCHORS, anchors, face_mesh, signed_area
+from .warp_mesh import N_BORDER_ANCHORS, anchors, face_mesh, outer_ring, signed_area
 
 __all__ = ["AU_NAMES", "FaceWarper", "WarpRenderer", "face_frame", "mouth_gap", "warp_landmarks"]
 
@@ -44,6 +46,9 @@ CORNER_UP = 0.03  # AU14: each corner up (and AU20: down), in H
 CREASE = 0.45  # AU14: darkening of the dimple beside each corner at intensity 1
 FURROW = 0.35  # AU10: darkening of the nasolabial furrow at intensity 1
 BLINK_CLOSE = 0.92  # blink 1: fraction of the lid opening closed (a full close folds triangles)
+# au_for_mouth: the share of a mouth opening the jaw makes (AU26); the lips part for the rest
+# (AU25). In speech the jaw does most of it.
+JAW_SHARE = 0.7
 
 UPPER_INNER, LOWER_INNER = (61, 62, 63), (67, 66, 65)  # pairs face each other across the gap
 CORNERS_OUTER, CORNERS_INNER = (48, 54), (60, 64)
@@ -199,7 +204,7 @@ class FaceWarper:
     photo's own lips, skin and (where they show) teeth.
     """
 
-    def __init__(self, image: np.ndarray, landmarks68: np.ndarray):
+    def __init__(self, image: np.ndarray, landmarks68: np.ndarray, moving_head: bool = False):
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise FaceError(f"the photo must be RGB uint8 (H, W, 3), got {got}: load it with read_image()")
@@ -213,6 +218,16 @@ class FaceWarper:
         if self.face_height < 8 or self.mouth_width < 4:
             raise FaceError(f"the face is too small to animate ({self.face_height:.0f} px eye-to-chin): use a larger photo")
         self.anchors = anchors(lm, self.shape, ey, self.face_height)
+        # The ring around the face: the anchors a head pose moves along with the landmarks.
+        self._ring = np.zeros(len(self.anchors), bool)
+        self._ring[: len(self.anchors) - N_BORDER_ANCHORS] = moving_head
+        if moving_head:
+            # A second, fixed ring further out keeps a pose's stretch between the two rings,
+            # so the background stays where it is and only the region around the face is redrawn.
+            outer = outer_ring(lm, self.shape, ey, self.face_height)
+            ring = self.anchors[: len(self.anchors) - N_BORDER_ANCHORS]
+            self.anchors = np.vstack([ring, outer, self.anchors[len(ring):]])
+            self._ring = np.r_[np.ones(len(ring), bool), np.zeros(len(outer) + N_BORDER_ANCHORS, bool)]
         self.src = np.vstack([lm, self.anchors])
         self.triangles, self.interior = face_mesh(lm, self.anchors, self.shape)
         # Triangles that may fold: all but the inner mouth and those already degenerate.
@@ -228,7 +243,9 @@ class FaceWarper:
         self._follow = follow[:, None]
         self.neutral_gap = max(mouth_gap(lm), 0.0)
         self.teeth_show = self.neutral_gap > 0.03 * self.face_height  # lips apart in the photo
+        self.gray = is_grayscale(self.image)
         self.tints = self._tints()
+        self.jacobian = self._mouth_jacobian()
 
     # -- preparation
 
@@ -248,8 +265,11 @@ class FaceWarper:
                 lum = inside @ np.array([0.3, 0.59, 0.11])
                 teeth = inside[lum >= np.percentile(lum, 75)].mean(0)
         cavity = lip * np.array([0.32, 0.16, 0.17])
-        return _Tints(cavity=cavity, teeth=np.clip(teeth, 0, 245), tongue=lip * np.array([0.55, 0.28, 0.28]),
-                      crease=CREASE)
+        tongue = lip * np.array([0.55, 0.28, 0.28])
+        teeth = np.clip(teeth, 0, 245)
+        if self.gray:  # a gray photo gets a gray mouth: each tint's luminance on all channels
+            cavity, tongue, teeth = (np.full(3, float(c @ np.array([0.299, 0.587, 0.114]))) for c in (cavity, tongue, teeth))
+        return _Tints(cavity=cavity, teeth=teeth, tongue=tongue, crease=CREASE)
 
     def _mask(self, poly: np.ndarray, hole: np.ndarray | None = None) -> np.ndarray:
         m = np.zeros(self.shape, np.uint8)
@@ -260,12 +280,13 @@ class FaceWarper:
 
     # -- rendering
 
-    def render(self, au, blink: float = 0.0, head=None) -> np.ndarray:
+    def render(self, au, blink: float = 0.0, head=None, pose=None) -> np.ndarray:
         """RGB uint8 image at the photo's resolution with the face moved by ``au`` (5 in [0, 1],
-        AU_NAMES order), eyelids lowered by ``blink`` in [0, 1] and the whole picture moved
-        by ``head`` = (dx px, dy px, angle degrees clockwise on screen about the nose tip)."""
+        AU_NAMES order), eyelids lowered by ``blink`` in [0, 1], the head alone moved by
+        ``pose`` = (dx px, dy px, angle degrees clockwise on screen about the nose tip; needs
+        ``moving_head=True``) and the whole picture moved by ``head`` (same units)."""
         a = _check_au(au)
-        dst = self.unfold(self.points(a, blink))
+        dst = self.unfold(self.points(a, blink, pose))
         out = self._piecewise_affine(dst)
         self._draw_mouth(out, dst[:68], a)
         if head is not None and any(float(v) != 0.0 for v in head):
@@ -282,10 +303,58 @@ class FaceWarper:
             raise ValueError(f"dst must be {self.src.shape} (landmarks + anchors), got {dst.shape}")
         return self._piecewise_affine(self.unfold(dst))
 
-    def points(self, au, blink: float = 0.0) -> np.ndarray:
-        """Mesh vertices (68 landmarks, then the anchors) moved by ``au`` and ``blink``."""
+    def points(self, au, blink: float = 0.0, pose=None) -> np.ndarray:
+        """Mesh vertices (68 landmarks, then the anchors) moved by ``au``, ``blink`` and ``pose``."""
         moved = warp_landmarks(self.landmarks, au, blink)
-        return np.vstack([moved, self.anchors + self._follow * (moved[8] - self.landmarks[8])])
+        anchors_ = self.anchors + self._follow * (moved[8] - self.landmarks[8])
+        if pose is not None and any(float(v) != 0.0 for v in pose):
+            if not self._ring.any():
+                raise ValueError("pose needs a FaceWarper made with moving_head=True")
+            m = _head_matrix(self.landmarks, pose)
+            moved = apply_transform(m, moved)
+            anchors_ = anchors_.copy()
+            anchors_[self._ring] = apply_transform(m, anchors_[self._ring])
+        return np.vstack([moved, anchors_])
+
+    def warp_image(self, image: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """Another image of the photo's size (e.g. the photo with a generated face pasted in)
+        carried along the mesh moved to ``dst`` (after ``unfold``), as ``reshape`` does the photo."""
+        if image.shape != self.image.shape:
+            raise ValueError(f"image must have the photo's shape {self.image.shape}, got {image.shape}")
+        return self._piecewise_affine(self.unfold(np.asarray(dst, np.float64)), image)
+
+    def _mouth_jacobian(self) -> np.ndarray:
+        """(4, 5): change of each mouth measure (engine/mouth.py, IODs) per unit of each AU on
+        this face, the secant from 0 to intensity 0.5 (the moves are not quite linear)."""
+        base = mouth_measures(self.landmarks)
+        cols = []
+        for i in range(N_AU):
+            a = np.zeros(N_AU)
+            a[i] = 0.5
+            cols.append((mouth_measures(warp_landmarks(self.landmarks, a)) - base) / 0.5)
+        return np.stack(cols, 1)
+
+    def au_for_mouth(self, mouth) -> np.ndarray:
+        """AU intensities (5, in [0, 1]) that give this face the mouth ``mouth``: changes of
+        ``MEASURES`` (opening, width, jaw, lip height) from the photo's own, in IODs, as the
+        mouth head predicts them. The opening is split between the jaw (AU26, ``JAW_SHARE``
+        of it) and the lips (AU25, the rest); what is left of the width change after those is
+        a stretch (AU20) or a pucker (AU14). A mouth cannot close past the photo's."""
+        d = np.asarray(mouth, np.float64).reshape(-1)
+        if d.shape != (len(MEASURES),) or not np.all(np.isfinite(d)):
+            raise ValueError(f"mouth must be {len(MEASURES)} finite changes {MEASURES}, got {np.shape(mouth)}")
+        j = self.jacobian
+        op, wi = MEASURES.index("opening"), MEASURES.index("width")
+        a = np.zeros(N_AU)
+        opening = max(d[op], 0.0)
+        a[I_AU26] = np.clip(JAW_SHARE * opening / max(j[op, I_AU26], 1e-6), 0, 1)
+        a[I_AU25] = np.clip((opening - a[I_AU26] * j[op, I_AU26]) / max(j[op, I_AU25], 1e-6), 0, 1)
+        rest = d[wi] - a[I_AU26] * j[wi, I_AU26] - a[I_AU25] * j[wi, I_AU25]
+        if rest > 0 and j[wi, I_AU20] > 1e-6:
+            a[I_AU20] = np.clip(rest / j[wi, I_AU20], 0, 1)
+        elif rest < 0 and j[wi, I_AU14] < -1e-6:
+            a[I_AU14] = np.clip(rest / j[wi, I_AU14], 0, 1)
+        return a.astype(np.float32)
 
     def folds(self, dst: np.ndarray) -> int:
         """How many triangles (outside the inner mouth) ``dst`` turns over."""
@@ -306,11 +375,13 @@ class FaceWarper:
                 lo = mid
         return self.src + lo * (dst - self.src)
 
-    def _piecewise_affine(self, dst: np.ndarray) -> np.ndarray:
+    def _piecewise_affine(self, dst: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
         """Backward map over the box of the moved triangles: each pixel samples the photo
-        through the affine map (dst -> src) of the triangle that owns it in a triangle-id
-        raster; pixels of no moved triangle map onto themselves, which remap copies exactly."""
-        out = self.image.copy()
+        (or ``image``) through the affine map (dst -> src) of the triangle that owns it in a
+        triangle-id raster; pixels of no moved triangle map onto themselves, which remap copies
+        exactly."""
+        image = self.image if image is None else image
+        out = image.copy()
         moving = np.abs(dst - self.src).max(1) > 1e-9
         active = self.triangles[moving[self.triangles].any(1)]
         if len(active) == 0:
@@ -338,7 +409,7 @@ class FaceWarper:
         gy = np.arange(y0, y1, dtype=np.float32)[:, None]
         mx = sel[..., 0] * gx + sel[..., 1] * gy + sel[..., 2]
         my = sel[..., 3] * gx + sel[..., 4] * gy + sel[..., 5]
-        out[y0:y1, x0:x1] = cv2.remap(self.image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        out[y0:y1, x0:x1] = cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
         return out
 
     @staticmethod
@@ -490,12 +561,12 @@ class WarpRenderer:
     canonical (112, 112, 3) crop of that render through ``aligned.matrix``.
     """
 
-    def __init__(self, photo: np.ndarray, aligned: AlignedFace):
+    def __init__(self, photo: np.ndarray, aligned: AlignedFace, moving_head: bool = False):
         self.aligned = aligned
-        self.warper = FaceWarper(photo, aligned.landmarks)
+        self.warper = FaceWarper(photo, aligned.landmarks, moving_head=moving_head)
 
-    def render(self, au, blink: float = 0.0, head=None) -> np.ndarray:
-        return self.warper.render(au, blink, head)
+    def render(self, au, blink: float = 0.0, head=None, pose=None) -> np.ndarray:
+        return self.warper.render(au, blink, head, pose)
 
     def render_crop(self, au, blink: float = 0.0) -> np.ndarray:
         return warp_to_crop(self.warper.render(au, blink), self.aligned.matrix)

@@ -41,8 +41,10 @@ def check_servable(cfg) -> None:
 
 
 def build_card(graph: str, cfg, inputs: Mapping[str, list], outputs: Mapping[str, list], *,
-               checkpoint_sha256: str, precision: str, parity: Mapping[str, float], exporter: str) -> ModelCard:
-    """The validated card of one graph. ``cfg`` is the model's ModelConfig."""
+               checkpoint_sha256: str, precision: str, parity: Mapping[str, float], exporter: str,
+               head: Mapping | None = None) -> ModelCard:
+    """The validated card of one graph. ``cfg`` is the model's ModelConfig; ``head`` the mouth
+    graph's own description (graph ``mouth`` only)."""
     check_servable(cfg)
     data = {
         "format": CARD_FORMAT,
@@ -67,6 +69,8 @@ def build_card(graph: str, cfg, inputs: Mapping[str, list], outputs: Mapping[str
         "precision": precision,
         "parity": {k: float(v) for k, v in parity.items()},
     }
+    if head:
+        data["head"] = dict(head)
     return card_from_dict(data, source=f"{graph} card being written")
 
 

@@ -11,6 +11,9 @@
         --au-classifier RUN_CLF/best.safetensors --vgg-weights vgg19-dcbb9e9d.pth
     avatar-train eval --data DATA --checkpoint RUN/best.safetensors [--json RUN/eval.json]
     avatar-train eval-mouth --model MODEL_DIR --clips GRID_CLIPS... [--json F]   (training/mouth_eval.py)
+    avatar-train prepare-real --clips AV_REAL/clips --out DATA_REAL   (training/avreal.py)
+    avatar-train train-mouth --data DATA_REAL --out RUN [--model MODEL_DIR --export-into MODEL_DIR]
+    avatar-train eval-real --data DATA_REAL [--model MODEL_DIR] [--json F]   (training/real_eval.py)
 
 Multi-process: ``torchrun --nproc_per_node N -m avatar_stream.training.cli train ...`` (gloo on
 CPU, NCCL on GPUs). argv is parsed here only; the stages take frozen option dataclasses.
@@ -221,6 +224,33 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_prepare_real(args) -> int:
+    from .avreal import prepare_real
+
+    meta = prepare_real(args.clips, args.out, manifest=args.manifest, workers=args.workers,
+                        progress=not args.no_progress, model=False if args.no_sync else args.model)
+    split = meta["split"]
+    moved = sum(1 for e in meta["recordings"].values() if e.get("av_offset"))
+    print(f"{args.out}: {len(meta['recordings'])} recordings, {len(split['train'])} train / {len(split['dev'])} dev "
+          f"speakers; {moved} recordings out of sync (real.json: av_offset)")
+    return 0
+
+
+def cmd_train_mouth(args) -> int:
+    from .mouth_head import MouthTrainOptions, train_mouth
+
+    opts = MouthTrainOptions(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                             hidden=args.hidden, members=args.members, progress=not args.no_progress)
+    path, extra = train_mouth(args.data, args.out, model=args.model, opts=opts, folds=args.cv,
+                              sync=not args.no_sync)
+    print(f"wrote {path}")
+    if args.export_into:
+        from avatar_stream.export.mouth import export_mouth_head
+
+        print(f"wrote {export_mouth_head(path, args.export_into)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avatar-train", description="avatar-stream dataset preparation, training stages and evaluation.")
     p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
@@ -256,6 +286,44 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a prepared or synth corpus (repeat for each)")
     mrg.add_argument("--out", type=Path, required=True, help="the merged corpus (a new folder)")
     mrg.set_defaults(func=cmd_merge)
+
+    real = sub.add_parser("prepare-real", help="real talking-face recordings -> shards with landmarks, "
+                          "mouth measures, a speaker split and A/V offsets")
+    real.add_argument("--clips", type=Path, required=True, help="folder of the recordings")
+    real.add_argument("--manifest", type=Path, help="MANIFEST.tsv (default: in --clips or beside it)")
+    real.add_argument("--out", type=Path, required=True)
+    real.add_argument("--model", type=Path, help="exported model whose audio features estimate the A/V "
+                      "offsets (default: the starter)")
+    real.add_argument("--no-sync", action="store_true", help="do not estimate A/V offsets")
+    real.add_argument("--workers", type=int, default=2)
+    real.add_argument("--no-progress", action="store_true")
+    real.set_defaults(func=cmd_prepare_real)
+
+    tm = sub.add_parser("train-mouth", help="learn the mouth's shape from audio features on real video "
+                        "(the mouth head)")
+    tm.add_argument("--data", type=Path, required=True, help="avatar-train prepare-real output")
+    tm.add_argument("--out", type=Path, required=True, help="run folder (head.safetensors, head.json)")
+    tm.add_argument("--model", type=Path, help="exported model whose frame graph gives the features "
+                    "(default: the starter)")
+    tm.add_argument("--export-into", type=Path, metavar="MODEL_DIR",
+                    help="also write MODEL_DIR/mouth.onnx (the same model as --model)")
+    tm.add_argument("--cv", type=int, default=5, help="folds by speaker for the held-out figures and the "
+                    "spread calibration (default 5; 0: none)")
+    tm.add_argument("--epochs", type=int, default=6)
+    tm.add_argument("--lr", type=float, default=1e-3)
+    tm.add_argument("--weight-decay", type=float, default=0.1)
+    tm.add_argument("--hidden", type=int, default=32)
+    tm.add_argument("--members", type=int, default=1, help="heads from different seeds, averaged")
+    tm.add_argument("--seed", type=int, default=0)
+    tm.add_argument("--no-sync", action="store_true", help="ignore the recordings' A/V offsets")
+    tm.add_argument("--no-progress", action="store_true")
+    tm.set_defaults(func=cmd_train_mouth)
+
+    from . import real_eval
+
+    er = sub.add_parser("eval-real", help="rendered mouth vs real people talking (real-media evaluation)")
+    real_eval.add_arguments(er)
+    er.set_defaults(func=real_eval.main_eval_real)
 
     from . import mouth_eval
 

@@ -1,15 +1,5 @@
-"""Landmark tracks of talking-face video, and the mouth measures taken from them.
-
-One definition of "how open is the mouth" for everything that compares a generated mouth
-with a real one: the real-media evaluation (``avatar-train eval-real``), the per-frame
-mouth targets of real video (``avatar-train prepare-real``) and the mouth head trained on
-them. All measures are in inter-ocular distances (IOD: the distance between the two eye
-centres, points 36-41 and 42-47), a length that does not change when a person speaks:
-
-- ``opening``: the inner-lip gap, mean of the pairs 61-67, 62-66, 63-65;
-- ``width``: the outer mouth corners 48-54;
-- ``jaw``: the nose tip (33) to the chin (8);
-- ``lip_height``: the outer lips' height, 51-57 (with ``width``: how round the lips are).
+"""Landmark tracks of talking-face video (real recordings and generated ones alike), from
+which the mouth measures (engine/mouth.py, re-exported here) are taken.
 
 Tracking: dlib's HOG detector runs on a region around the face of the previous frame,
 scaled so that the face is about ``TRACK_FACE_PX`` wide (HOG's sweet spot, and a few ms
@@ -27,35 +17,12 @@ from collections.abc import Iterable, Iterator
 import cv2
 import numpy as np
 from avatar_stream.engine.face import FaceAligner
+from avatar_stream.engine.mouth import MEASURES, iod, mouth_measures
 
-MEASURES = ("opening", "width", "jaw", "lip_height")
-INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
 TRACK_FACE_PX = 120
 MAX_SIDE = 640
 SUBPIXEL_FACE_PX = 400
 MAX_SUBPIXEL = 4
-
-
-def iod(landmarks: np.ndarray) -> np.ndarray:
-    """Inter-ocular distance of (..., 68, 2) landmarks, (...)."""
-    lm = np.asarray(landmarks, np.float64)
-    return np.linalg.norm(lm[..., 42:48, :].mean(-2) - lm[..., 36:42, :].mean(-2), axis=-1)
-
-
-def mouth_measures(landmarks: np.ndarray) -> np.ndarray:
-    """(T, 68, 2) landmarks (NaN rows where no face) -> (T, 4) ``MEASURES`` in IODs."""
-    lm = np.asarray(landmarks, np.float64)
-    if lm.ndim != 3 or lm.shape[1:] != (68, 2):
-        raise ValueError(f"landmarks must be (T, 68, 2), got {lm.shape}")
-
-    def dist(a, b):
-        return np.linalg.norm(lm[:, a] - lm[:, b], axis=-1)
-
-    opening = np.mean([dist(up, lo) for up, lo in INNER_LIP_PAIRS], axis=0)
-    scale = iod(lm)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.stack([opening, dist(48, 54), dist(33, 8), dist(51, 57)], 1) / scale[:, None]
-    return out
 
 
 def subpixel_for(face_width: float) -> int:

@@ -7,7 +7,8 @@ exported graphs, full frames at the photo's resolution). dlib landmarks are trac
 generated frames exactly as on the real ones (training/landmarks.py), and per recording:
 
 - ``r_open``: Pearson r of generated vs real mouth opening (inner-lip gap / IOD);
-- ``amp``: amplitude ratio, std of the generated opening / std of the real one;
+- ``amp``: amplitude ratio, std of the generated opening / std of the real one (pooled:
+  the median over recordings, ``median_amp``);
 - ``r_width``: Pearson r of generated vs real mouth width (corners / IOD);
 - ``sharp``: sharpness ratio, variance of the Laplacian in the mouth box of the generated
   frames (the mouth's landmarks + a third of the mouth width around them, at the photo's
@@ -20,8 +21,9 @@ out of sync (``--sync auto``, the default; avreal.estimate_offsets says how), fo
 alike, the baseline included; ``--sync none`` compares the recordings as they are.
 
 Pooled figures: the real and generated tracks are standardised per recording and pooled,
-so the pooled r is the frame-weighted mean of the per-recording r; amplitude pooled as the
-square root of the frame-weighted variance ratio. Standard errors: a bootstrap over
+so the pooled r is the frame-weighted mean of the per-recording r; the amplitude ratio pooled
+as the median over recordings (and, as ``amp_pooled``, the square root of the frame-weighted
+variance ratio). Standard errors: a bootstrap over
 speakers (recordings of one speaker move together), ``B`` = 2000, seed 0; the difference
 renderer - baseline is paired (the same draws).
 
@@ -69,7 +71,7 @@ class RealEvalOptions:
     gray_seconds: float = 2.0
     recordings: tuple[str, ...] = ()  # only these (stems); empty: the whole split
     sheet: Path | None = None  # contact sheet PNG (real vs generated)
-    sheet_recordings: int = 4
+    sheet_recordings: tuple[str, ...] = ()  # names; empty: the first four of the split
     sheet_frames: int = 10
     mouth_sheet: Path | None = None  # mouth crops at full size (real vs each renderer)
     extra_engine_kw: dict = field(default_factory=dict)
@@ -198,6 +200,14 @@ def pooled_amp(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return float(np.sqrt(vg / vr)) if vr > 0 else float("nan")
 
 
+def median_amp(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Median over recordings of each one's amplitude ratio (``pooled_amp`` of the one pair):
+    how much the typical generated mouth moves against its real one. (The frame-pooled
+    ratio is reported too; one recording whose audio drives the mouth far out, music under
+    the speech say, would dominate it.)"""
+    return float(np.nanmedian([pooled_amp([p]) for p in pairs])) if pairs else float("nan")
+
+
 def bootstrap(speakers: list[str], stat, b: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
     """``stat(indices)`` over ``b`` draws of speakers with replacement; ``indices`` are the
     recordings of the drawn speakers (a speaker drawn twice counts twice)."""
@@ -293,7 +303,7 @@ def evaluate_real(opts: RealEvalOptions, progress=print) -> dict:
                  "speakers": sorted(set(speakers))}
     base = bootstrap(speakers, lambda idx: pooled_r([base_pairs[i] for i in idx]))
     res["loudness"] = {"pooled_r": pooled_r(base_pairs), "se": float(base.std())}
-    sheet_names = [e["name"] for e in entries][: opts.sheet_recordings] if (opts.sheet or opts.mouth_sheet) else []
+    sheet_names = (list(opts.sheet_recordings) or [e["name"] for e in entries][:4]) if (opts.sheet or opts.mouth_sheet) else []
     keep = {name: set(np.linspace(0, len(r["mouth"]) - 1, opts.sheet_frames).round().astype(int).tolist())
             for name, r in zip([e["name"] for e in entries], recs, strict=True) if name in sheet_names}
     images: dict[str, dict] = {}
@@ -315,14 +325,14 @@ def evaluate_real(opts: RealEvalOptions, progress=print) -> dict:
                          f"{res['recordings'][e['name']]['r_loud']:.3f}) amp {f['amp']:.2f} sharp {f['sharp']:.2f}")
         boot = bootstrap(speakers, lambda idx, p=pairs: pooled_r([p[i] for i in idx]))
         diff = boot - base
-        amp_boot = bootstrap(speakers, lambda idx, p=pairs: pooled_amp([p[i] for i in idx]))
+        amp_boot = bootstrap(speakers, lambda idx, p=pairs: median_amp([p[i] for i in idx]))
         sharp = [per[e["name"]]["sharp"] for e in entries]
         chroma = [per[e["name"]]["max_chroma_gray"] for e in entries if per[e["name"]]["max_chroma_gray"] is not None]
         res["renderers"][renderer] = {
             "recordings": per,
             "pooled_r": pooled_r(pairs), "se": float(boot.std()),
             "minus_loudness": pooled_r(pairs) - res["loudness"]["pooled_r"], "minus_loudness_se": float(diff.std()),
-            "amp": pooled_amp(pairs), "amp_se": float(amp_boot.std()),
+            "amp": median_amp(pairs), "amp_se": float(amp_boot.std()), "amp_pooled": pooled_amp(pairs),
             "r_width": pooled_r(wpairs),
             "sharp_median": float(np.nanmedian(sharp)), "sharp_min": float(np.nanmin(sharp)),
             "max_chroma_gray": max(chroma) if chroma else None}
@@ -368,6 +378,12 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
+def _real_index(k: int, lag: int, n: int) -> int:
+    """The real frame shown beside generated frame ``k``: ``k - lag`` (real_eval.shift), kept
+    inside the recording."""
+    return int(min(max(k - lag, 0), n - 1))
+
+
 def _real_frames(data_entry: dict, indices: list[int]) -> dict[int, np.ndarray]:
     """Real frames ``indices`` (25 fps) of a recording, decoded from its video file."""
     from .landmarks import frames_25fps
@@ -389,9 +405,10 @@ def write_contact_sheet(path: Path, entries, recs, lags, images, renderers, cell
             continue
         idx = sorted(next(iter(images[e["name"]].values())))
         box = _face_box(r["landmarks"][0], r["photo"].shape)
-        real = _real_frames(e, [max(0, k - lag) for k in idx]) if e.get("video") else {}
-        line = [_label(_cut(real[max(0, k - lag)], box, cell), f"real {k}") if real else np.zeros((cell, cell, 3), np.uint8)
-                for k in idx]
+        n = len(r["mouth"])
+        real = _real_frames(e, [_real_index(k, lag, n) for k in idx]) if e.get("video") else {}
+        line = [_label(_cut(real[_real_index(k, lag, n)], box, cell), f"real {k}") if real
+                else np.zeros((cell, cell, 3), np.uint8) for k in idx]
         rows.append(np.hstack(line))
         for renderer in renderers:
             gen = images[e["name"]].get(renderer, {})
@@ -412,8 +429,9 @@ def write_mouth_sheet(path: Path, entries, recs, lags, images, renderers) -> Non
         x0, y0, x1, y1 = box
         y0, y1 = y0 - (y1 - y0) // 4, y1 + (y1 - y0) // 4
         box = (x0, y0, x1, y1)
-        real = _real_frames(e, [max(0, k - lag) for k in idx]) if e.get("video") else {}
-        rows = [np.hstack([_cut(real[max(0, k - lag)], box, None) for k in idx])] if real else []
+        n = len(r["mouth"])
+        real = _real_frames(e, [_real_index(k, lag, n) for k in idx]) if e.get("video") else {}
+        rows = [np.hstack([_cut(real[_real_index(k, lag, n)], box, None) for k in idx])] if real else []
         for renderer in renderers:
             gen = images[e["name"]].get(renderer, {})
             rows.append(np.hstack([_cut(gen[k], box, None) for k in idx]))
@@ -447,7 +465,7 @@ def format_table(res: dict) -> str:
         chroma = "-" if r["max_chroma_gray"] is None else str(r["max_chroma_gray"])
         lines.append(f"  {name}: r {r['pooled_r']:.3f} (SE {r['se']:.3f}), minus loudness "
                      f"{r['minus_loudness']:+.3f} (SE {r['minus_loudness_se']:.3f}), amp {r['amp']:.2f} "
-                     f"(SE {r['amp_se']:.2f}), width r {r['r_width']:.3f}, sharpness median {r['sharp_median']:.2f} "
+                     f"(SE {r['amp_se']:.2f}; frame-pooled {r['amp_pooled']:.2f}), width r {r['r_width']:.3f}, sharpness median {r['sharp_median']:.2f} "
                      f"(min {r['sharp_min']:.2f}), gray photo max chroma {chroma}")
     return "\n".join(lines)
 
@@ -468,7 +486,8 @@ def add_arguments(p) -> None:
     p.add_argument("--recording", action="append", default=[], metavar="NAME", help="only this recording (repeatable)")
     p.add_argument("--sheet", type=Path, help="write a contact sheet PNG (real vs generated)")
     p.add_argument("--mouth-sheet", type=Path, help="write mouth crops at full size (PNG)")
-    p.add_argument("--sheet-recordings", type=int, default=4)
+    p.add_argument("--sheet-recording", action="append", default=[], metavar="NAME",
+                   help="a recording shown in the sheets (repeatable; default: the first four)")
     p.add_argument("--json", type=Path, help="write the results here")
 
 
@@ -482,7 +501,7 @@ def main_eval_real(args) -> int:
                            backend=args.backend, noise_gate_dbfs=parse_gate(args.noise_gate), alive=not args.still,
                            sync=args.sync, max_seconds=args.max_seconds, gray_seconds=args.gray_seconds,
                            recordings=tuple(args.recording), sheet=args.sheet, mouth_sheet=args.mouth_sheet,
-                           sheet_recordings=args.sheet_recordings)
+                           sheet_recordings=tuple(args.sheet_recording))
     res = evaluate_real(opts)
     print(format_table(res))
     if args.json:
