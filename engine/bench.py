@@ -25,6 +25,7 @@ import numpy as np
 from avatar_stream import DEMO_FACE, DEMO_SPEECH, __version__
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.model import FRAME_BACKENDS
+from avatar_stream.engine.stream import RENDERERS
 
 
 def _feeds(model, batch: int) -> dict[str, dict[str, np.ndarray]]:
@@ -53,6 +54,8 @@ def _time(fn, repeat: int, warmup: int = 3) -> tuple[float, float]:
 
 def bench_graphs(model, batches: list[int], repeat: int) -> list[dict]:
     runners = {"identity": model.identity, "frame": model.frame, "tcsan_decoder": model.decoder}
+    if model.mouth is not None:
+        runners["mouth"] = model.mouth
     rows = []
     for b in batches:
         feeds = _feeds(model, b)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
     p.add_argument("--frame-backend", default="cpu", choices=FRAME_BACKENDS,
                    help="where the frame graph runs: cpu (default) or the same as --backend")
-    p.add_argument("--renderer", default="neural", choices=("neural", "warp"))
+    p.add_argument("--renderer", default=RENDERERS[0], choices=RENDERERS)
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes for the per-graph table")
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--seconds", type=float, default=10.0, help="audio length for the streaming run")

@@ -21,6 +21,7 @@ from avatar_stream import __version__
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, parse_gate
 from avatar_stream.engine.model import FRAME_BACKENDS
+from avatar_stream.engine.stream import RENDERERS
 
 log = logging.getLogger("avatar_stream")
 
@@ -57,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "for it, see docs/export.md) or the same as --backend")
     p.add_argument("--model", type=Path, default=None,
                    help="exported model directory (avatar-export --out); default: the shipped starter")
-    p.add_argument("--renderer", default="neural", choices=("neural", "warp"),
-                   help="neural: the TCSAN generator; warp: AU-driven warp of the photo from predicted AUs")
+    p.add_argument("--renderer", default=RENDERERS[0], choices=RENDERERS,
+                   help="warp (default): the photo itself, its mouth moved to the shape the model's mouth "
+                        "head predicts, with a real mouth's inside; neural: the TCSAN generator's face")
+    p.add_argument("--still", action="store_true",
+                   help="no idle blinks or head sway: only the mouth moves")
     p.add_argument("--noise-gate", default=str(DEFAULT_THRESHOLD_DBFS), metavar="DBFS|off",
                    help="frames whose audio stays below this level (loudest 20 ms, dBFS) keep the photo's "
                         "mouth, so room noise does not move it (default %(default)s; lower it for a very "
@@ -165,9 +169,12 @@ def run(args) -> int:
     face_path = args.face if args.face is not None else DEMO_FACE
     photo = read_image(face_path)
     engine = Engine(args.model, backend=args.backend, renderer=args.renderer, noise_gate_dbfs=gate,
-                    frame_backend=args.frame_backend)
+                    frame_backend=args.frame_backend, alive=not args.still)
     card = engine.model.card
     log.info("model: %s (checkpoint %s, %s)", engine.model.model_dir, card.checkpoint_sha256[:12], card.precision)
+    how = ("TCSAN decoder" if engine.renderer == "neural" else
+           "mouth head learned from real video" if engine.has_mouth_head else "Audio2AU drive: the model has no mouth.onnx")
+    log.info("renderer: %s (%s%s)", engine.renderer, how, "" if engine.alive else "; still: no blinks or sway")
     log.info("backend: %s (providers: %s; frame graph on %s)", engine.backend, ", ".join(engine.model.providers),
              engine.model.frame.providers[0])
     log.info("noise gate: %s", f"{gate:g} dBFS (--noise-gate)" if gate is not None else "off")

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import numpy as np
 from avatar_stream.engine import timebase as tb
-from avatar_stream.engine.card import GRAPH_FILES, OPTIONAL_GRAPH_FILES, ModelCard, ModelCardError, load_model_dir
+from avatar_stream.engine.card import (
+    GRAPH_FILES,
+    OPTIONAL_GRAPH_FILES,
+    ModelCard,
+    ModelCardError,
+    load_model_dir,
+)
 from avatar_stream.engine.runners import ORT_BACKENDS, Runner, RunnerError, available_backends, make_runner
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")

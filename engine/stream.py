@@ -86,7 +86,10 @@ class FaceContext:
         return zlib.crc32(np.ascontiguousarray(self.aligned.crop).tobytes())
 
 
-RENDERERS = ("neural", "warp")  # the first is the default
+# The first is the default: the warp renderer with the mouth head follows real speech better
+# than the neural generator on the real-media dev speakers and keeps the photo sharp
+# (pkg/starter/MODEL_CARD.md, "Real media").
+RENDERERS = ("warp", "neural")
 
 # Warp intensity at AU probability 1, AU_NAMES order: for AU10/14/20 the strongest target the
 # phoneme table (training/au_table.py) gives them ("ee" spreads the lips by AU20 0.75), so a

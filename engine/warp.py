@@ -20,6 +20,7 @@ every pixel outside the triangles with a moving vertex bit-identical too.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -27,6 +28,7 @@ import numpy as np
 
 from .face import AlignedFace, FaceError, apply_transform, warp_to_crop
 from .image_io import is_grayscale
+from .interior import MouthInterior, opening_ratio, paint, skin_colour
 from .mouth import MEASURES, mouth_measures
 from .timebase import AU_NAMES
 from .warp_mesh import N_BORDER_ANCHORS, anchors, face_mesh, outer_ring, signed_area
@@ -204,7 +206,8 @@ class FaceWarper:
     photo's own lips, skin and (where they show) teeth.
     """
 
-    def __init__(self, image: np.ndarray, landmarks68: np.ndarray, moving_head: bool = False):
+    def __init__(self, image: np.ndarray, landmarks68: np.ndarray, moving_head: bool = False,
+                 interior: MouthInterior | None = None):
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise FaceError(f"the photo must be RGB uint8 (H, W, 3), got {got}: load it with read_image()")
@@ -245,6 +248,11 @@ class FaceWarper:
         self.teeth_show = self.neutral_gap > 0.03 * self.face_height  # lips apart in the photo
         self.gray = is_grayscale(self.image)
         self.tints = self._tints()
+        # Real mouth interiors (engine/interior.py) in this photo's light; None: drawn ones.
+        self.mouth_bank = interior
+        self._interior_tex = interior.adapted(skin_colour(self.image, lm), self.gray) if interior else None
+        # A photo that shows its own teeth keeps them (the bank would swap in another person's).
+        self.own_teeth = self.teeth_show and self._teeth_visible()
         self.jacobian = self._mouth_jacobian()
 
     # -- preparation
@@ -270,6 +278,18 @@ class FaceWarper:
         if self.gray:  # a gray photo gets a gray mouth: each tint's luminance on all channels
             cavity, tongue, teeth = (np.full(3, float(c @ np.array([0.299, 0.587, 0.114]))) for c in (cavity, tongue, teeth))
         return _Tints(cavity=cavity, teeth=teeth, tongue=tongue, crease=CREASE)
+
+    def _teeth_visible(self) -> bool:
+        """Whether the photo's open mouth shows teeth: its brightest quarter is about as light
+        as the skin (a dark open mouth shows none)."""
+        lm = self.landmarks
+        inside = self.image[self._mask(lm[60:68]) > 0].astype(np.float64)
+        skin = self.image[self._mask(lm[[29, 31, 33, 35]]) > 0].astype(np.float64)
+        if len(inside) < 8 or not len(skin):
+            return False
+        luma = np.array([0.299, 0.587, 0.114])
+        lum = inside @ luma
+        return bool(lum[lum >= np.percentile(lum, 75)].mean() >= 0.85 * np.median(skin @ luma))
 
     def _mask(self, poly: np.ndarray, hole: np.ndarray | None = None) -> np.ndarray:
         m = np.zeros(self.shape, np.uint8)
@@ -460,6 +480,13 @@ class FaceWarper:
         size = (y1 - y0, x1 - x0)
         sigma = max(0.004 * h, 0.35)
         cav = self._poly_mask(size, inner - off, sigma) * float(np.clip(opening / (0.025 * h), 0, 1))
+        if self._interior_tex is not None and not self.own_teeth:
+            # A real mouth's inside, of the opening nearest this one, mapped into the lips
+            # (fading in as the lips part beyond the photo's own gap).
+            tex = self._interior_tex[self.mouth_bank.pick(opening_ratio(lm))]
+            region = paint(out[y0:y1, x0:x1].astype(np.float32), off, lm, tex, cav)
+            out[y0:y1, x0:x1] = np.clip(np.rint(region), 0, 255).astype(np.uint8)
+            return
         _, ex, ey, _, _ = face_frame(lm)
         gap = opening + self.neutral_gap
         # Upper teeth: a band hanging from the upper inner lip, seen only inside the cavity,
@@ -553,17 +580,33 @@ def _closed_spline(points: np.ndarray, per_segment: int = 6) -> np.ndarray:
     return curve.transpose(1, 0, 2).reshape(-1, 2)
 
 
+@functools.cache
+def default_interior() -> MouthInterior | None:
+    """The bank of real mouth interiors shipped with the package (``assets/mouth_interior.npz``);
+    None where an install lacks it (the renderer then draws the inside)."""
+    from avatar_stream import ASSETS
+
+    path = ASSETS / "mouth_interior.npz"
+    return MouthInterior.load(path) if path.is_file() else None
+
+
 class WarpRenderer:
     """Engine renderer: drives one aligned photo from AU intensities (e.g. Audio2AU output).
+
+    ``interior``: the bank of real mouth interiors to show when the lips part ("default": the
+    one shipped with the package; None: the drawn cavity and teeth of the synthetic corpus).
 
     ``photo`` RGB uint8 at its own resolution, ``aligned`` its ``FaceAligner.align`` result.
     ``render(au, blink=0, head=None)`` -> the full-resolution photo; ``render_crop(au)`` -> the
     canonical (112, 112, 3) crop of that render through ``aligned.matrix``.
     """
 
-    def __init__(self, photo: np.ndarray, aligned: AlignedFace, moving_head: bool = False):
+    def __init__(self, photo: np.ndarray, aligned: AlignedFace, moving_head: bool = False,
+                 interior: MouthInterior | None | str = "default"):
+        if isinstance(interior, str):
+            interior = default_interior() if interior == "default" else MouthInterior.load(interior)
         self.aligned = aligned
-        self.warper = FaceWarper(photo, aligned.landmarks, moving_head=moving_head)
+        self.warper = FaceWarper(photo, aligned.landmarks, moving_head=moving_head, interior=interior)
 
     def render(self, au, blink: float = 0.0, head=None, pose=None) -> np.ndarray:
         return self.warper.render(au, blink, head, pose)

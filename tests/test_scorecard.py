@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import save_checkpoint
@@ -39,34 +40,63 @@ def test_headline_is_flat():
 
 def test_beats_needs_an_improvement_and_no_regression():
     shipped = _res()
-    ok, why = beats(_res(r_neural=0.6), shipped)
-    assert ok and "mouth_r_neural 0.500 -> 0.600" in why[0]
+    ok, why = beats(_res(psnr=25.3), shipped)
+    assert ok and "psnr 25.000 -> 25.300" in why[0]
     ok, why = beats(_res(), shipped)
     assert not ok and why == ["no figure improves by its margin"]
-    # mouth r within 0.01 of the shipped one is no regression when something else improves
-    assert beats(_res(r_neural=0.497, psnr=25.8), shipped)[0]
-    ok, why = beats(_res(r_neural=0.48, psnr=25.8), shipped)
-    assert not ok and "mouth_r_neural" in why[0]
-    assert not beats(_res(r_neural=0.6, psnr=24.0), shipped)[0]
-    assert beats(_res(r_neural=0.6, psnr=24.6), shipped)[0]
-    assert not beats(_res(r_neural=0.6, f1=0.75), shipped)[0]
+    # The GRID mouth r is reported, no longer judged (real_beats judges the mouth on real media).
+    assert not beats(_res(r_neural=0.9), shipped)[0] and beats(_res(r_neural=0.1, psnr=25.3), shipped)[0]
+    assert not beats(_res(psnr=24.0, f1=0.85), shipped)[0]
+    assert beats(_res(psnr=24.6, f1=0.85), shipped)[0]
+    assert not beats(_res(psnr=25.3, f1=0.75), shipped)[0]
     assert beats(_res(f1=0.85), shipped)[0]
-    assert not beats(_res(r_neural=0.6, quiet=0.2), shipped)[0]
+    assert not beats(_res(psnr=25.3, quiet=0.2), shipped)[0]
     # The shipped model already above the target: a candidate may not get worse on quiet input,
     # and getting better there counts.
     noisy_shipped = _res(quiet=0.20)
-    assert beats(_res(r_neural=0.6, quiet=0.21), noisy_shipped)[0]
-    ok, why = beats(_res(r_neural=0.6, quiet=0.26), noisy_shipped)
+    assert beats(_res(psnr=25.3, quiet=0.21), noisy_shipped)[0]
+    ok, why = beats(_res(psnr=25.3, quiet=0.26), noisy_shipped)
     assert not ok and "worse than the shipped" in why[0]
     ok, why = beats(_res(quiet=0.13), noisy_shipped)
     assert ok and why == ["quiet_silence_neural 0.200 -> 0.130"]
-    assert beats(_res(r_neural=0.6), {**shipped, "mouth": None})[0] is False  # nothing to beat: NaN
     # The AU classifier's F1 alone: +0.005 counts (its bootstrap SE is about 0.001), +0.004 does not.
     better_classifier = {**shipped, "classifier": {"mean_f1": 0.806}}
     ok, why = beats(better_classifier, shipped)
     assert ok and why == ["classifier_f1 0.800 -> 0.806"]
     assert not beats({**shipped, "classifier": {"mean_f1": 0.804}}, shipped)[0]
     assert not beats({**shipped, "classifier": {"mean_f1": 0.77}}, shipped)[0]
+
+
+def _real(rs: dict[str, float], amp=1.0, sharp=0.9, chroma=0, renderer="warp", frames=100):
+    """An eval-real result: one recording per speaker, r per recording."""
+    recs = {k: {"r_open": r, "frames": frames} for k, r in rs.items()}
+    pooled = float(np.mean(list(rs.values())))
+    return {"recordings": {k: {"speaker": f"spk_{k}"} for k in rs},
+            "renderers": {renderer: {"recordings": recs, "pooled_r": pooled, "amp": amp, "sharp_median": sharp,
+                                     "max_chroma_gray": chroma}}}
+
+
+def test_real_rule_is_paired_over_speakers_and_gated():
+    from avatar_stream.training.scorecard import real_beats, real_difference
+
+    rng = np.random.default_rng(0)
+    base = {f"r{i}": float(v) for i, v in enumerate(rng.uniform(0.0, 0.4, 15))}
+    shipped = _real(base, renderer="neural")
+    better = _real({k: v + 0.1 for k, v in base.items()})
+    diff, se = real_difference(better, shipped, "warp", "neural")
+    assert diff == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-9)  # the same gain everywhere
+    ok, why = real_beats(better, shipped, "warp", "neural")
+    assert ok and "+0.100" in why[0]
+    noisy = _real({k: v + (0.3 if i % 2 else -0.25) for i, (k, v) in enumerate(base.items())})
+    ok, why = real_beats(noisy, shipped, "warp", "neural")
+    assert not ok and "not an improvement" in why[0]
+    worse = _real({k: v - 0.1 for k, v in base.items()})
+    assert "below the shipped" in real_beats(worse, shipped, "warp", "neural")[1][0]
+    for bad, what in ((dict(amp=0.5), "amp"), (dict(sharp=0.3), "sharp_median"), (dict(chroma=9), "max_chroma_gray")):
+        ok, why = real_beats(_real({k: v + 0.1 for k, v in base.items()}, **bad), shipped, "warp", "neural")
+        assert not ok and what in why[0]
+    with pytest.raises(ValueError, match="share no recording"):
+        real_difference(_real({"x": 0.1}), shipped, "warp", "neural")
 
 
 def test_audio2au_f1_counts_every_labelled_test_frame(tmp_path):

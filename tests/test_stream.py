@@ -18,7 +18,7 @@ from avatar_stream.engine.stream import Engine, render_offline
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return Engine(tiny_model_dir, backend="cpu")
+    return Engine(tiny_model_dir, backend="cpu", renderer="neural")  # warp: test_mouth_head.py
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ class RecordingSink:
 
 
 def test_slow_backend_drops_frames_and_stays_bounded(tiny_model_dir, face, tmp_path):
-    engine = Engine(tiny_model_dir, backend="cpu")
+    engine = Engine(tiny_model_dir, backend="cpu", renderer="neural")
     engine.model.decoder = SlowRunner(engine.model.decoder, 2 * 1.0 / tb.FPS)
     audio = load_audio(DEMO_SPEECH)[: 3 * tb.SAMPLE_RATE]
     path = _write_wav(tmp_path / "three_seconds.wav", audio)

@@ -33,7 +33,12 @@ from pathlib import Path
 import numpy as np
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import load_audio
-from avatar_stream.engine.face import ALIGN_POINTS, CANONICAL_LANDMARKS_112, similarity_transform, warp_to_crop
+from avatar_stream.engine.face import (
+    ALIGN_POINTS,
+    CANONICAL_LANDMARKS_112,
+    similarity_transform,
+    warp_to_crop,
+)
 
 from .landmarks import LandmarkTracker, frames_25fps, mouth_measures, track
 
@@ -371,3 +376,48 @@ def prepare_real(clips_dir, out, manifest=None, workers: int = 2, only: list[str
 __all__ = ["RealClip", "RealDataError", "av_offset", "crop_matrices", "estimate_offsets", "frame_loudness",
            "lagged_r", "prepare_real", "process_recording", "read_manifest", "recording_features", "speaker_split",
            "sync_recordings", "track"]
+
+
+INTERIOR_RATIOS = (0.04, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.42, 0.5)
+
+
+def build_interior(data, recording: str, out, ratios=INTERIOR_RATIOS, size: tuple[int, int] = (80, 160),
+                   candidates: int = 6):
+    """``avatar-train mouth-interior``: the warp renderer's bank of real mouth interiors
+    (engine/interior.py) from one prepared recording: for each opening ratio, of the
+    ``candidates`` frames closest to it (and within 0.03 of it) the sharpest (variance of
+    the Laplacian of its texture), cut at ``size`` = (height, width)."""
+    import cv2
+    from avatar_stream.engine.interior import MouthInterior, cut_interior, opening_ratio, skin_colour
+
+    from .landmarks import frames_25fps
+
+    data = Path(data)
+    meta = json.loads((data / "real.json").read_text())
+    if recording not in meta["recordings"]:
+        raise RealDataError(f"{recording} is not a recording of {data}")
+    e = meta["recordings"][recording]
+    with np.load(data / e["path"], allow_pickle=False) as z:
+        lm = z["landmarks"].astype(np.float64)
+    ratio = np.array([opening_ratio(x) if np.isfinite(x).all() else np.nan for x in lm])
+    want: dict[float, list[int]] = {}
+    for r in ratios:
+        dist = np.abs(ratio - r)
+        near = [int(i) for i in np.argsort(np.nan_to_num(dist, nan=9.0))[:candidates] if dist[i] <= 0.03]
+        if near:
+            want[r] = near
+    needed = {i for v in want.values() for i in v} | {0}
+    frames = {k: f for k, f in enumerate(frames_25fps(Path(meta["clips_dir"]) / e["file"])) if k in needed}
+    textures, got = [], []
+    for near in want.values():
+        cut = [(cut_interior(frames[i], lm[i], *size), i) for i in near]
+        sharp = [cv2.Laplacian(cv2.cvtColor(t, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for t, _ in cut]
+        t, i = cut[int(np.argmax(sharp))]
+        textures.append(t)
+        got.append(float(ratio[i]))
+    if not textures:
+        raise RealDataError(f"{recording}: no frame near any of the ratios {list(ratios)}")
+    bank = MouthInterior(np.stack(textures), np.array(got), skin_colour(frames[0], lm[0]),
+                         source=f"{e['file']} ({e['speaker']})")
+    bank.save(out)
+    return bank

@@ -251,6 +251,15 @@ def cmd_train_mouth(args) -> int:
     return 0
 
 
+def cmd_mouth_interior(args) -> int:
+    from .avreal import build_interior
+
+    bank = build_interior(args.data, args.recording, args.out)
+    print(f"wrote {args.out}: {len(bank.ratios)} interiors (opening ratios "
+          f"{', '.join(f'{r:.2f}' for r in bank.ratios)}) from {bank.source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avatar-train", description="avatar-stream dataset preparation, training stages and evaluation.")
     p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
@@ -318,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--no-sync", action="store_true", help="ignore the recordings' A/V offsets")
     tm.add_argument("--no-progress", action="store_true")
     tm.set_defaults(func=cmd_train_mouth)
+
+    mi = sub.add_parser("mouth-interior", help="the warp renderer's real mouth interiors, cut from one "
+                        "prepared recording")
+    mi.add_argument("--data", type=Path, required=True, help="avatar-train prepare-real output")
+    mi.add_argument("--recording", required=True, help="the recording (name) to cut them from")
+    mi.add_argument("--out", type=Path, required=True, help="the bank (.npz)")
+    mi.set_defaults(func=cmd_mouth_interior)
 
     from . import real_eval
 

@@ -100,7 +100,6 @@ def frames_25fps(path) -> Iterator[np.ndarray]:
     does not fit in memory as a list): output frame n shows the source frame on screen at
     the middle of its interval, ``(n + 0.5) / 25`` s, as ``prepare.read_video_25fps``."""
     import av
-
     from avatar_stream.engine.timebase import FPS
 
     with av.open(str(path)) as c:
