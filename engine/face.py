@@ -32,6 +32,7 @@ __all__ = [
     "FaceError",
     "MIRROR_68",
     "MultipleFacesWarning",
+    "PhotoDetail",
     "apply_transform",
     "canonical_template",
     "default_predictor_path",
@@ -39,6 +40,7 @@ __all__ = [
     "lower_face_mask",
     "mean_shape",
     "paste_back",
+    "paste_box",
     "read_image",
     "similarity_transform",
     "warp_to_crop",
@@ -438,14 +440,71 @@ def lower_face_mask(crop_size: int = CROP_SIZE, feather: float = 8.0) -> np.ndar
     return _cached_mask(int(crop_size), float(feather))
 
 
+def paste_box(shape, matrix: np.ndarray, mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1): the image box that the non-zero part of a crop-sized ``mask`` maps to
+    through the inverse of ``matrix`` (1 px more for bilinear reach); None if it is empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    corners = np.array(
+        [
+            [xs.min() - 1, ys.min() - 1],
+            [xs.max() + 1, ys.min() - 1],
+            [xs.min() - 1, ys.max() + 1],
+            [xs.max() + 1, ys.max() + 1],
+        ],
+        np.float64,
+    )
+    foot = apply_transform(inv, corners)
+    h, w = shape[:2]
+    x0, y0 = np.maximum(np.floor(foot.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(foot.max(0)).astype(int) + 1, [w, h])
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def _to_roi(matrix: np.ndarray, box) -> tuple[np.ndarray, tuple[int, int]]:
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    inv[:, 2] -= (box[0], box[1])
+    return inv, (int(box[2] - box[0]), int(box[3] - box[1]))
+
+
+@dataclass(frozen=True)
+class PhotoDetail:
+    """What a 112x112 crop cannot hold of a photo: the photo minus its own crop pasted back
+    (everything finer than the crop's pixels), in the paste box, int16. Added back where the
+    generated face does not move, it keeps the photo's skin, stubble and lip texture sharp
+    at the photo's resolution."""
+
+    box: tuple[int, int, int, int]
+    detail: np.ndarray  # (y1 - y0, x1 - x0, 3) int16
+
+    @classmethod
+    def of(cls, photo: np.ndarray, matrix: np.ndarray, crop_size: int = CROP_SIZE) -> PhotoDetail | None:
+        box = paste_box(photo.shape, matrix, lower_face_mask(crop_size))
+        if box is None:
+            return None
+        to_roi, size = _to_roi(matrix, box)
+        own = cv2.warpAffine(warp_to_crop(photo, matrix, crop_size), to_roi, size, flags=cv2.INTER_CUBIC,
+                             borderMode=cv2.BORDER_REPLICATE)
+        x0, y0, x1, y1 = box
+        return cls(box, photo[y0:y1, x0:x1].astype(np.int16) - own.astype(np.int16))
+
+
 def paste_back(
-    image: np.ndarray, crop: np.ndarray, matrix: np.ndarray, mask: np.ndarray | None = None
+    image: np.ndarray, crop: np.ndarray, matrix: np.ndarray, mask: np.ndarray | None = None,
+    detail: PhotoDetail | None = None, keep: np.ndarray | None = None,
 ) -> np.ndarray:
     """Blend ``crop`` back into a copy of ``image`` through the inverse of ``matrix``.
 
     ``mask`` (crop-sized float in [0, 1]) defaults to ``lower_face_mask``. The blend is
     computed only inside the image box that the mask's non-zero part maps to, and only
     where the warped mask is non-zero: every other pixel is bit-identical to ``image``.
+    ``detail`` (the photo's ``PhotoDetail``, default mask only) is added to the pasted face,
+    weighted by ``keep`` (crop-sized float in [0, 1]: 1 where the face is as in the photo,
+    0 where it moves; default 1).
     """
     _check_image(image, "image")
     _check_image(crop, "crop")
@@ -458,34 +517,21 @@ def paste_back(
     if mask.shape != (n, n):
         raise FaceError(f"mask must match the crop size ({n}, {n}), got {mask.shape}")
     out = image.copy()
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    box = paste_box(image.shape, matrix, mask)
+    if box is None:
         return out
-    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
-    # Footprint of the mask's bounding box (1 px more for bilinear reach) in the image.
-    corners = np.array(
-        [
-            [xs.min() - 1, ys.min() - 1],
-            [xs.max() + 1, ys.min() - 1],
-            [xs.min() - 1, ys.max() + 1],
-            [xs.max() + 1, ys.max() + 1],
-        ],
-        np.float64,
-    )
-    foot = apply_transform(inv, corners)
-    h, w = image.shape[:2]
-    x0, y0 = np.maximum(np.floor(foot.min(0)).astype(int), 0)
-    x1, y1 = np.minimum(np.ceil(foot.max(0)).astype(int) + 1, [w, h])
-    if x1 <= x0 or y1 <= y0:
-        return out
-    to_roi = inv.copy()
-    to_roi[:, 2] -= (x0, y0)
-    size = (int(x1 - x0), int(y1 - y0))
+    x0, y0, x1, y1 = box
+    to_roi, size = _to_roi(matrix, box)
     face = cv2.warpAffine(crop, to_roi, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
     alpha = cv2.warpAffine(
         mask, to_roi, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
     roi = out[y0:y1, x0:x1]
+    if detail is not None and detail.box == box:
+        weight = np.ones((n, n), np.float32) if keep is None else np.asarray(keep, np.float32)
+        w = cv2.warpAffine(weight, to_roi, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        face = cv2.add(face, cv2.multiply(detail.detail.astype(np.float32), cv2.merge([w, w, w])),
+                       dtype=cv2.CV_8U)
     # roi + (face - roi) * alpha in float32, rounded once. Where alpha is 0 the sum is roi
     # exactly, so those pixels come back bit-identical (tests check it). OpenCV does this
     # about twice as fast as the same numpy expression (it matters at 1080p, per frame).

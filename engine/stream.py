@@ -31,11 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.alive import IdleMotion
 from avatar_stream.engine.audio import StreamResampler, check_audio
-from avatar_stream.engine.face import AlignedFace, FaceAligner, paste_back, warp_to_crop
+from avatar_stream.engine.face import AlignedFace, FaceAligner, PhotoDetail, paste_back, warp_to_crop
 from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, NoiseGate
 from avatar_stream.engine.image_io import is_grayscale, to_gray_rgb
 from avatar_stream.engine.model import LoadedModel, load_model
@@ -76,6 +77,10 @@ class FaceContext:
     # through blinks and head sway.
     motion: object | None = None
     gray: bool = False  # a gray photo: generated faces are made gray too
+    # Renderer ``neural``: the photo's detail finer than the crop, and the decoder's face for
+    # silence (where a frame's face differs little from it, the detail is added back).
+    detail: PhotoDetail | None = None
+    neutral: np.ndarray | None = None
 
     @property
     def seed(self) -> int:
@@ -90,6 +95,9 @@ class FaceContext:
 # than the neural generator on the real-media dev speakers and keeps the photo sharp
 # (pkg/starter/MODEL_CARD.md, "Real media").
 RENDERERS = ("warp", "neural")
+# Renderer ``neural``: where a decoded face is this many grey levels darker than its silent
+# self (blurred over 1.5 px), it gets none of the photo's detail back.
+KEEP_LEVELS = 15.0
 
 # Warp intensity at AU probability 1, AU_NAMES order: for AU10/14/20 the strongest target the
 # phoneme table (training/au_table.py) gives them ("ee" spreads the lips by AU20 0.75), so a
@@ -190,9 +198,15 @@ class Engine:
         elif self.alive:
             from avatar_stream.engine.warp import FaceWarper
 
-            motion = FaceWarper(photo, aligned.landmarks, moving_head=True)
+            motion = FaceWarper(photo, aligned.landmarks, moving_head=True, interpolation=cv2.INTER_CUBIC)
+        detail = neutral = None
+        if self.renderer == "neural":
+            detail = PhotoDetail.of(photo, aligned.matrix)
+            silent = np.broadcast_to(self.silent_features()[0], (1, 2 * self.lookahead_frames + 1,
+                                                                 self.silent_features()[0].shape[0]))
+            neutral = self.model.decode(np.ascontiguousarray(silent), f_id, skips)[0]
         return FaceContext(photo=photo, aligned=aligned, f_id=f_id, skips=skips, warp=warp, motion=motion,
-                           gray=is_grayscale(photo))
+                           gray=is_grayscale(photo), detail=detail, neutral=neutral)
 
     def create_stream(self, face: FaceContext | np.ndarray, face_index: int | None = None,
                       output_size: tuple[int, int] | None = None, crop_only: bool = False,
@@ -466,6 +480,19 @@ class Stream:
         self._forget_before(self._next_out)
         return Frame(index=k, image=image, crop=crop, au=au, mouth=mouth)
 
+    def _keep(self, crop: np.ndarray) -> np.ndarray | None:
+        """Where the photo's fine detail goes back onto the decoded face: 1 where the face is
+        as the decoder makes it for silence, falling to 0 where it is ``KEEP_LEVELS`` grey
+        levels darker or more (an open mouth: the photo's closed lips must not show through)."""
+        if self.face.neutral is None:
+            return None
+        # Only darkening counts: the inside of an opening mouth is darker than the lips it
+        # replaces, while a decoded face also shifts in brightness a little everywhere.
+        luma = np.array([0.299, 0.587, 0.114], np.float32)
+        d = np.maximum(self.face.neutral.astype(np.float32) @ luma - crop.astype(np.float32) @ luma, 0.0)
+        d = cv2.GaussianBlur(d, (0, 0), 1.5)
+        return np.clip(1.0 - d / KEEP_LEVELS, 0.0, 1.0)
+
     def _idle(self, k: int) -> tuple[float, tuple[float, float, float] | None]:
         """Blink and head pose of frame ``k`` (0 and None when the engine is not ``alive``)."""
         if self.idle is None:
@@ -488,7 +515,8 @@ class Stream:
     def _compose(self, crop: np.ndarray, blink: float = 0.0, pose=None) -> np.ndarray:
         if self.face.gray:  # the decoder has only seen colour faces: it colours gray ones
             crop = to_gray_rgb(crop)
-        image = paste_back(self.face.photo, crop, self.face.aligned.matrix)
+        image = paste_back(self.face.photo, crop, self.face.aligned.matrix, detail=self.face.detail,
+                           keep=self._keep(crop))
         motion = self.face.motion
         if motion is not None and (blink or pose is not None):
             image = motion.warp_image(image, motion.points(np.zeros(5), blink, pose))

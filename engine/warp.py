@@ -207,7 +207,7 @@ class FaceWarper:
     """
 
     def __init__(self, image: np.ndarray, landmarks68: np.ndarray, moving_head: bool = False,
-                 interior: MouthInterior | None = None):
+                 interior: MouthInterior | None = None, interpolation: int = cv2.INTER_LINEAR):
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise FaceError(f"the photo must be RGB uint8 (H, W, 3), got {got}: load it with read_image()")
@@ -216,6 +216,9 @@ class FaceWarper:
             raise FaceError(f"landmarks must be 68 finite (x, y) points, got {lm.shape}: use FaceAligner.landmarks()")
         self.image = np.ascontiguousarray(image)
         self.landmarks = lm
+        # How moved pixels are resampled. The engine uses cubic: a head sway moves the whole
+        # face by fractions of a pixel, which bilinear sampling visibly blurs.
+        self.interpolation = interpolation
         self.shape = image.shape[:2]
         _, ex, ey, self.face_height, self.mouth_width = face_frame(lm)
         if self.face_height < 8 or self.mouth_width < 4:
@@ -429,7 +432,7 @@ class FaceWarper:
         gy = np.arange(y0, y1, dtype=np.float32)[:, None]
         mx = sel[..., 0] * gx + sel[..., 1] * gy + sel[..., 2]
         my = sel[..., 3] * gx + sel[..., 4] * gy + sel[..., 5]
-        out[y0:y1, x0:x1] = cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        out[y0:y1, x0:x1] = cv2.remap(image, mx, my, self.interpolation, borderMode=cv2.BORDER_REFLECT_101)
         return out
 
     @staticmethod
@@ -606,7 +609,8 @@ class WarpRenderer:
         if isinstance(interior, str):
             interior = default_interior() if interior == "default" else MouthInterior.load(interior)
         self.aligned = aligned
-        self.warper = FaceWarper(photo, aligned.landmarks, moving_head=moving_head, interior=interior)
+        self.warper = FaceWarper(photo, aligned.landmarks, moving_head=moving_head, interior=interior,
+                                 interpolation=cv2.INTER_CUBIC)
 
     def render(self, au, blink: float = 0.0, head=None, pose=None) -> np.ndarray:
         return self.warper.render(au, blink, head, pose)
