@@ -56,6 +56,7 @@ class MouthEvalOptions:
     noise_dbfs: float = -50.0
     seed: int = 0  # the quiet-input noise
     noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS  # the engine's gate; None = off
+    alive: bool = True  # idle blinks and sway, as avatar-stream renders by default
 
 
 def mouth_opening(landmarks: np.ndarray) -> float:
@@ -178,7 +179,7 @@ def evaluate_mouth(opts: MouthEvalOptions, progress=print) -> dict:
     res: dict = {"model": str(opts.model) if opts.model else "starter", "clips": [c[0] for c in clips],
                  "noise_gate_dbfs": opts.noise_gate_dbfs, "renderers": {}}
     for renderer in opts.renderers:
-        kw = dict(backend=opts.backend, renderer=renderer, face_aligner=aligner)
+        kw = dict(backend=opts.backend, renderer=renderer, face_aligner=aligner, alive=opts.alive)
         engine = Engine(opts.model, noise_gate_dbfs=opts.noise_gate_dbfs, **kw)
         ungated = Engine(opts.model, noise_gate_dbfs=None, **kw) if opts.noise_gate_dbfs is not None else None
         res["renderers"][renderer] = _score_renderer(engine, aligner, clips, quiet, ungated)
@@ -214,6 +215,8 @@ def add_arguments(p) -> None:
     p.add_argument("--noise-dbfs", type=float, default=-50.0, help="RMS of the quiet white noise re full scale")
     p.add_argument("--noise-gate", default=str(DEFAULT_THRESHOLD_DBFS), metavar="DBFS|off",
                    help="the engine's noise gate (default %(default)s, as avatar-stream); 'off' to score the bare model")
+    p.add_argument("--still", action="store_true", help="no idle blinks or head sway (they move the measured "
+                   "mouth a little on quiet input too)")
     p.add_argument("--json", type=Path, help="write the results here")
 
 
@@ -224,7 +227,7 @@ def main_eval_mouth(args) -> int:
     res = evaluate_mouth(MouthEvalOptions(clips=tuple(args.clips), model=args.model, renderers=renderers,
                                           backend=args.backend, silence_seconds=args.silence_seconds,
                                           noise_dbfs=args.noise_dbfs,
-                                          noise_gate_dbfs=parse_gate(args.noise_gate)))
+                                          noise_gate_dbfs=parse_gate(args.noise_gate), alive=not args.still))
     print(format_table(res))
     if args.json:
         write_json(args.json, res)

@@ -86,7 +86,9 @@ def score(opts: ScoreOptions) -> dict:
     if opts.model_dir is not None and opts.clips:
         from .mouth_eval import MouthEvalOptions, evaluate_mouth
 
-        res["mouth"] = evaluate_mouth(MouthEvalOptions(clips=tuple(opts.clips), model=opts.model_dir),
+        # Still (no blinks or sway): the quiet-input ratios measure the mouth, and the sway would
+        # move the measured opening by itself (about 0.04-0.09 of its std on speech).
+        res["mouth"] = evaluate_mouth(MouthEvalOptions(clips=tuple(opts.clips), model=opts.model_dir, alive=False),
                                       progress=print if opts.progress else None)
     return res
 
