@@ -368,3 +368,21 @@ def test_torchrun_two_processes(corpus, tmp_path):
     assert main(["eval", "--data", str(corpus), "--checkpoint", str(run / "last"), "--json", str(out),
                  "--no-face-metrics", "--no-progress"]) == 0
     assert json.loads(out.read_text())["frames"] == 2 * FRAMES
+
+
+def test_freeze_audio_trains_the_image_side_only(corpus, tmp_path):
+    """``train --init CKPT --freeze-audio``: the audio encoder and Audio2AU (weights and
+    batch-norm statistics) come out exactly as CKPT's, so its frame graph and a mouth head
+    reading it stay valid; the decoder trains."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    data = ["--data", str(corpus), "--batch", "2", "--clip-len", "2", "--no-vgg", *MODEL, *FAST]
+    assert main(["train", *data, "--out", str(first), "--steps", "1"]) == 0
+    assert main(["train", *data, "--out", str(second), "--steps", "3", "--freeze-audio",
+                 "--init", str(first / "last.safetensors")]) == 0
+    a = load_checkpoint(first / "last")[1]["generator"]
+    b = load_checkpoint(second / "last")[1]["generator"]
+    audio = [k for k in a if k.startswith(("audio_encoder.", "audio2au."))]
+    assert any("running_mean" in k for k in audio)
+    assert all(torch.equal(a[k], b[k]) for k in audio)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    assert main(["train", *data, "--out", str(tmp_path / "x"), "--steps", "1", "--freeze-audio"]) == 2

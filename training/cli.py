@@ -188,7 +188,7 @@ def cmd_train(args) -> int:
                         lr_au_classifier=args.lr_au_classifier, audio2au=args.audio2au,
                         au_classifier=args.au_classifier, vgg_weights=args.vgg_weights,
                         augment_speech=args.augment_speech, noise_floor=args.noise_floor, vtlp=args.vtlp,
-                        quiet_items=args.quiet_items, init=args.init)
+                        quiet_items=args.quiet_items, init=args.init, freeze_audio=args.freeze_audio)
     return _run_stage(args, train, opts)
 
 
@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "targets are the photo's own face: keeps the mouth still on hiss")
     t.add_argument("--init", type=Path, help="start the generator from this train checkpoint (new run, fresh optimizer; "
                    "with --audio2au, that pretrained Audio2AU replaces the checkpoint's)")
+    t.add_argument("--freeze-audio", action="store_true",
+                   help="with --init: train the image side only; the audio encoder and Audio2AU stay as in "
+                        "--init (the frame graph, and a mouth head reading it, stay valid)")
     vgg = t.add_mutually_exclusive_group()
     vgg.add_argument("--vgg-weights", type=Path, help="torchvision VGG-19 ImageNet weights (vgg19-dcbb9e9d.pth)")
     vgg.add_argument("--no-vgg", action="store_true", help="train without L_per")

@@ -47,11 +47,16 @@ class TalkingHead(nn.Module):
         # generator batch re-estimates them, and batches unlike pretraining's (noise-only
         # items, a noise floor) shift Audio2AU's outputs although its weights barely move.
         self.freeze_audio2au_stats = False
+        self.freeze_audio_encoder_stats = False  # --freeze-audio: its BatchNorm statistics too
 
     def train(self, mode: bool = True) -> TalkingHead:
         super().train(mode)
         if mode and self.freeze_audio2au_stats and self.audio2au is not None:
             for m in self.audio2au.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        if mode and self.freeze_audio_encoder_stats:
+            for m in self.audio_encoder.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self

@@ -93,6 +93,10 @@ class TrainOptions:
     vtlp: float = 0.0  # with augment_speech: p of a vocal tract length perturbation per clip
     quiet_items: float = 0.0  # p of a training item of noise or silence with the photo's mouth as target
     init: Path | None = None  # start the generator from this checkpoint's weights (fresh optimizer)
+    # Train the image side only (identity encoder, TCSAN, decoder): the audio encoder and
+    # Audio2AU stay as in --init, so the exported frame graph, and a mouth head that reads its
+    # features, stay valid (fine-tuning on real frames).
+    freeze_audio: bool = False
 
 
 def _wrap(module: nn.Module, info: DistInfo) -> nn.Module:
@@ -353,7 +357,14 @@ def _train_parts(cfg: ModelConfig, opts: TrainOptions, info: DistInfo):
         skip = "audio2au." if cfg.audio2au and opts.audio2au is not None else None
         load_pretrained(opts.init, "generator", model, skip=skip)
     groups = []
-    if cfg.audio2au:
+    if opts.freeze_audio:
+        if opts.init is None:
+            raise ValueError("--freeze-audio keeps the audio side of --init: give --init CHECKPOINT")
+        model.audio_encoder.requires_grad_(False)
+        if cfg.audio2au:
+            model.audio2au.requires_grad_(False)
+        model.freeze_audio2au_stats = model.freeze_audio_encoder_stats = True
+    if cfg.audio2au and not opts.freeze_audio:
         for m in model.audio2au:
             m.head.requires_grad_(False)  # the last FC is removed after pretraining (paper §3.1)
         a2a = [p for p in model.audio2au.parameters() if p.requires_grad]
