@@ -151,3 +151,32 @@ def test_generated_frames_of_two_models_are_judged_by_one_classifier(tmp_path):
                                 progress=False))["au_generated"]["mean_f1"]
     assert res["generator"]["au_f1_own_classifier"] == own and res["generator"]["au_judge"] == str(b)
     assert res["generator"]["au_f1"] == by_b != own and headline(res)["generated_au_f1"] == by_b
+
+
+def test_ship_verdict_needs_no_regression_in_either_half_and_a_gain_in_one():
+    from avatar_stream.training.scorecard import ship_verdict
+
+    flat_s = (False, ["no figure improves by its margin"])
+    flat_r = (False, ["real-media r changes by +0.010 (SE 0.030): not an improvement"])
+    assert ship_verdict(flat_s, (True, ["real-media r 0.2 -> 0.4"])) == (True, ["real-media r 0.2 -> 0.4"])
+    assert ship_verdict((True, ["psnr 25 -> 26"]), flat_r)[0]
+    assert ship_verdict(None, (True, ["gain"]))[0]
+    ok, why = ship_verdict((False, ["psnr 24.0 is more than 0.5 below the shipped 25.0"]), (True, ["gain"]))
+    assert not ok and why == ["psnr 24.0 is more than 0.5 below the shipped 25.0"]
+    ok, why = ship_verdict((True, ["psnr 25 -> 26"]), (False, ["warp amp 0.5 is outside 0.7..1.4"]))
+    assert not ok and "amp" in why[0]
+    assert not ship_verdict(flat_s, flat_r)[0]
+    with pytest.raises(ValueError, match="nothing was scored"):
+        ship_verdict(None, None)
+
+
+def test_compare_starter_needs_the_synthetic_half_for_new_weights(load_script, tiny_export, tmp_path, capsys):
+    compare = load_script("compare_starter")
+    real = tmp_path / "real"
+    real.mkdir()
+    args = ["--checkpoint", str(tiny_export.checkpoint), "--model", str(tiny_export.out), "--real-data", str(real)]
+    assert compare.main(args) == 2
+    assert "--data is needed" in capsys.readouterr().err
+    assert compare.main(["--checkpoint", str(tiny_export.checkpoint), "--model", str(tiny_export.out),
+                         "--no-shipped"]) == 2
+    assert "give --data" in capsys.readouterr().err

@@ -226,5 +226,24 @@ def real_beats(candidate: dict, shipped: dict, renderer_c: str, renderer_s: str)
     return not why, why if why else better
 
 
+def ship_verdict(synthetic: tuple[bool, list[str]] | None, real: tuple[bool, list[str]] | None
+                 ) -> tuple[bool, list[str]]:
+    """Both halves of the rule together: a candidate ships when neither half finds a
+    regression (a figure past its tolerance, a failed real-media gate, a real-media r below
+    the shipped one) and at least one half finds an improvement. ``None``: that half was not
+    scored (only right when its weights are the shipped ones)."""
+    halves = [h for h in (synthetic, real) if h is not None]
+    if not halves:
+        raise ValueError("nothing was scored: give the synthetic corpus, the real-media data, or both")
+    neutral = ("no figure improves by its margin", "real-media r changes by")
+    regressions = [w for ok, why in halves if not ok for w in why if not w.startswith(neutral)]
+    better = [w for ok, why in halves if ok for w in why]
+    if regressions:
+        return False, regressions
+    if not better:
+        return False, [w for _, why in halves for w in why]
+    return True, better
+
+
 __all__ = ["REAL_GATES", "ScoreOptions", "audio2au_f1", "beats", "headline", "real_beats", "real_difference",
-           "same_classifier", "score"]
+           "same_classifier", "score", "ship_verdict"]
