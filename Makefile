@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml constraints.txt | apt
 	fi
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=68,<82" wheel
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	@# setuptools notes that an editable install maps folders: that is this layout, on purpose.
+	PYTHONWARNINGS="ignore::UserWarning" $(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 # The shipped starter weights (pkg/starter/onnx) on the bundled photo and espeak-ng speech.

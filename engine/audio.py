@@ -261,10 +261,11 @@ class _VideoSpan:
 
 
 def _decode(
-    path: Path, container, stream, span: _VideoSpan | None
+    path: Path, container, stream, span: _VideoSpan | None, keep_channels: bool = False
 ) -> tuple[np.ndarray, int, Fraction | None]:
-    """One demux pass: all samples of ``stream`` averaged to mono float32, its rate and
-    start time; video packets (if ``span``) only update the span."""
+    """One demux pass: all samples of ``stream`` averaged to mono float32 (or, with
+    ``keep_channels``, ``(N, C)``), its rate and start time; video packets (if ``span``) only
+    update the span."""
     to_float = av.AudioResampler(format="fltp")  # sample-format conversion only
     chunks, rate, start = [], None, None
     streams = [stream] if span is None else [stream, span.stream]
@@ -284,13 +285,15 @@ def _decode(
                         "re-encode it with ffmpeg -ar 16000"
                     )
                 for f in to_float.resample(frame):
-                    chunks.append(f.to_ndarray().mean(axis=0, dtype=np.float32))
+                    a = f.to_ndarray()
+                    chunks.append(a.T.astype(np.float32) if keep_channels else a.mean(axis=0, dtype=np.float32))
     except av.FFmpegError as e:
         raise AudioError(
             f"{path}: audio stream cannot be decoded ({e.__class__.__name__}: {e}); "
             "the file is corrupt or truncated, re-encode or replace it"
         ) from e
-    x = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    empty = np.zeros((0, stream.channels or 1) if keep_channels else 0, dtype=np.float32)
+    x = np.concatenate(chunks) if chunks else empty
     return x, rate or stream.rate or SAMPLE_RATE, start
 
 
@@ -330,13 +333,32 @@ def load_audio(path: str | Path, *, allow_silence: bool = False, align_to_video:
     return check_audio(x, SAMPLE_RATE, allow_silence=allow_silence, source=source)
 
 
-def _place_on_timeline(x: np.ndarray, audio_start: Fraction, span: tuple[Fraction, Fraction]) -> np.ndarray:
-    """Shift and pad/cut 16 kHz audio so that index 0 is the video's start and the
-    length is the video's duration."""
+def load_audio_native(path: str | Path, align_to_video: bool = True) -> tuple[np.ndarray, int]:
+    """The first audio stream at its own rate and channels: ``((N, C) float32, rate)``, placed
+    on the video's timeline as :func:`load_audio` places it (so sample ``n * rate / 16000``
+    here is sample ``n`` there). For carrying the user's own audio into an output file; the
+    engine reads :func:`load_audio`. Errors as there."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise AudioError(f"{path} has no audio stream; pass a recording with sound")
+        videos = [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+        span = _VideoSpan(videos[0]) if align_to_video and videos else None
+        x, rate, audio_start = _decode(path, container, container.streams.audio[0], span, keep_channels=True)
+    seconds = span.seconds() if span is not None else None
+    if seconds is not None:
+        x = _place_on_timeline(x, audio_start or Fraction(0), seconds, rate)
+    return x, int(rate)
+
+
+def _place_on_timeline(x: np.ndarray, audio_start: Fraction, span: tuple[Fraction, Fraction],
+                       rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Shift and pad/cut audio at ``rate`` (1-D, or (N, C)) so that index 0 is the video's
+    start and the length is the video's duration."""
     v_start, v_end = span
-    offset = round((Fraction(audio_start) - v_start) * SAMPLE_RATE)
-    length = round((v_end - v_start) * SAMPLE_RATE)
-    out = np.zeros(length, dtype=np.float32)
+    offset = round((Fraction(audio_start) - v_start) * rate)
+    length = round((v_end - v_start) * rate)
+    out = np.zeros((length, *x.shape[1:]), dtype=np.float32)
     lo, hi = max(offset, 0), min(offset + len(x), length)
     if hi > lo:
         out[lo:hi] = x[lo - offset : hi - offset]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from avatar_stream import __version__
 from avatar_stream.engine import timebase as tb
+from avatar_stream.engine.framing import FITS, MAX_SIDE
 from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, parse_gate
 from avatar_stream.engine.model import FRAME_BACKENDS
 from avatar_stream.engine.stream import RENDERERS
@@ -37,16 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mic", action="store_true", help="live input from the default (or --mic-device) microphone")
     src.add_argument("--audio", type=Path, help="audio or video file (wav/flac/mp3/mp4/mpg)")
-    src.add_argument("--stdin", action="store_true", help="raw signed 16-bit little-endian mono PCM on stdin")
+    src.add_argument("--stdin", action="store_true",
+                     help="raw signed 16-bit little-endian PCM on stdin (--stdin-rate, --stdin-channels)")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--mic-device", default=None, help="microphone index or name (see --list-devices)")
     p.add_argument("--mic-rate", type=int, default=None,
                    help="microphone capture rate in Hz (default: the device's own; resampled to 16 kHz)")
     p.add_argument("--stdin-rate", type=int, default=tb.SAMPLE_RATE, help="sample rate of --stdin PCM (Hz)")
+    p.add_argument("--stdin-channels", type=int, default=1,
+                   help="interleaved channels of --stdin PCM (default 1; averaged to mono for the model)")
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                    help="stop after this much input audio (any source)")
     p.add_argument("--realtime", action="store_true",
-                   help="pace --audio to the wall clock (as a microphone would deliver it)")
+                   help="pace --audio (or --stdin) to the wall clock, as a microphone would deliver it; frames "
+                        "are dropped when compute falls behind")
     p.add_argument("--out", type=Path, help="write an mp4 (H.264 + AAC, input audio muxed in sync)")
     p.add_argument("--virtual-cam", action="store_true", help="send frames to a virtual webcam (pyvirtualcam)")
     p.add_argument("--window", action="store_true", help="show a preview window (OpenCV)")
@@ -67,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames whose audio stays below this level (loudest 20 ms, dBFS) keep the photo's "
                         "mouth, so room noise does not move it (default %(default)s; lower it for a very "
                         "quiet microphone, 'off' to disable)")
-    p.add_argument("--size", default=None, metavar="WxH", help="output size (default: the photo's size)")
+    p.add_argument("--size", default=None, metavar="WxH",
+                   help="output size; the photo is scaled and framed to it once, at load, so the work per frame "
+                        "depends on this size, not the photo's (default: the photo's own aspect, at most "
+                        f"{MAX_SIDE} px on its long side)")
+    p.add_argument("--fit", default="crop", choices=FITS,
+                   help="with --size: crop (fill the frame, centred on the face; default) or letterbox (the whole "
+                        "photo, black bars)")
     p.add_argument("--crop-only", action="store_true", help="output the 112x112 generated crop only")
     p.add_argument("--max-backlog", type=int, default=2,
                    help="live mode: ready frames allowed to wait before the oldest are dropped")
@@ -103,7 +114,11 @@ def _open_source(args):
     if args.mic:
         return MicSource(device=_device_arg(args.mic_device), sample_rate=args.mic_rate), True
     if args.stdin:
-        return StdinSource(sample_rate=args.stdin_rate), False
+        log.info("reading raw PCM from stdin: signed 16-bit little-endian, %d channel(s), %d Hz "
+                 "(--stdin-channels, --stdin-rate)%s", args.stdin_channels, args.stdin_rate,
+                 "; paced to the wall clock (--realtime)" if args.realtime else "")
+        return StdinSource(sample_rate=args.stdin_rate, channels=args.stdin_channels,
+                           realtime=args.realtime), bool(args.realtime)
     from avatar_stream import DEMO_SPEECH
 
     path = args.audio if args.audio is not None else DEMO_SPEECH
@@ -122,13 +137,18 @@ def _device_arg(value: str | None):
     return int(value) if value.isdigit() else value
 
 
-def _open_sinks(args, stack: ExitStack, size: tuple[int, int], latency_samples: int):
+def _open_sinks(args, stack: ExitStack, size: tuple[int, int], latency_samples: int, source=None):
     from avatar_stream.engine import sinks as S
 
     video, audio = [], []
     w, h = size
     if args.out is not None:
-        mp4 = stack.enter_context(S.Mp4Sink(args.out, fps=tb.FPS, size=(w, h)))
+        # The mp4 carries the user's own audio, at its own rate and channels.
+        rate, channels = source.raw_format if source is not None else (tb.SAMPLE_RATE, 1)
+        if source is not None:
+            source.keep_raw()
+        mp4 = stack.enter_context(S.Mp4Sink(args.out, fps=tb.FPS, size=(w, h), audio_sample_rate=rate,
+                                            audio_channels=channels))
         video.append(mp4)
         audio.append(mp4)
     if args.virtual_cam:
@@ -185,17 +205,29 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stream = engine.create_stream(photo, face_index=args.face_index, output_size=size,
-                                      crop_only=args.crop_only)
+                                      crop_only=args.crop_only, fit=args.fit)
     for w in caught:
         log.warning("%s", w.message)
-    out_h, out_w = (112, 112) if args.crop_only else (size[1], size[0]) if size else photo.shape[:2]
+    out_h, out_w = (112, 112) if args.crop_only else stream.face.photo.shape[:2]
+    fr = stream.face.framing
+    if not args.crop_only and (fr.scale != 1.0 or (out_w, out_h) != (photo.shape[1], photo.shape[0])):
+        log.info("photo %dx%d -> output %dx%d (scaled %.3g, %s%s)", photo.shape[1], photo.shape[0], out_w, out_h,
+                 fr.scale, fr.fit, "" if size else "; --size WxH for another size")
     with ExitStack() as stack:
         source, live = _open_source(args)
         stack.callback(source.close)
-        video, audio = _open_sinks(args, stack, (out_w, out_h), engine.latency.samples)
+        video, audio = _open_sinks(args, stack, (out_w, out_h), engine.latency.samples, source)
         chunks = source if limit is None else limit_samples(source, limit)
         report = run_session(stream, chunks, video, audio,
-                             SessionOptions(live=live, max_backlog=args.max_backlog))
+                             SessionOptions(live=live, max_backlog=args.max_backlog, warn=log.warning),
+                             raw_audio=source.take_raw)
+    if report.frames == 0 and not report.interrupted:
+        if args.out is not None:
+            args.out.unlink(missing_ok=True)  # a video without a frame does not play
+        what = "stdin delivered no audio (it was empty or closed at once)" if args.stdin else \
+            "the input ended before the first frame"
+        raise UsageError(f"{what}: nothing was written; give at least {tb.SAMPLES_PER_FRAME} samples "
+                         f"({1000 // tb.FPS} ms) of audio")
     for line in report.lines():
         log.info("%s", line)
     if args.report_json is not None:

@@ -11,18 +11,23 @@ exactly that audio, whatever was dropped before it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.stream import Stream
 
+WARN_EVERY_S = 5.0
+
 
 @dataclass(frozen=True)
 class SessionOptions:
     live: bool = False  # drop frames when behind (microphone, --realtime); offline: never drop
     max_backlog: int = 2  # ready frames allowed to wait before the oldest are dropped
+    # Called with a one-line message when live compute falls behind (at most every
+    # WARN_EVERY_S seconds); None: silent (the report still counts the drops).
+    warn: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.max_backlog < 1:  # 0 would drop every frame in live mode
@@ -43,6 +48,7 @@ class SessionReport:
     paste_ms_p50: float
     max_backlog_seen: int
     interrupted: bool
+    quit: bool = False  # a sink asked to stop (q / Esc / closed preview window)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,15 +68,31 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 def run_session(stream: Stream, source: Iterable[np.ndarray], sinks: Sequence = (),
-                audio_sinks: Sequence = (), options: SessionOptions = SessionOptions()) -> SessionReport:
-    """Drive ``stream`` from ``source`` until the source ends or KeyboardInterrupt (SIGINT,
-    or SIGTERM turned into one by the CLI). Sinks are written but not closed: the caller
-    owns them (``with`` blocks), so an interrupted mp4 is still finalised."""
+                audio_sinks: Sequence = (), options: SessionOptions = SessionOptions(),
+                raw_audio: Callable[[], np.ndarray | None] | None = None) -> SessionReport:
+    """Drive ``stream`` from ``source`` until the source ends, a sink asks to quit, or
+    KeyboardInterrupt (SIGINT, or SIGTERM turned into one by the CLI). Sinks are written but
+    not closed: the caller owns them (``with`` blocks), so an interrupted mp4 is still
+    finalised. ``raw_audio`` (e.g. ``AudioSource.take_raw``): the audio as it arrived since
+    the last call, given to the audio sinks that take it (``takes_raw_audio``: the mp4 keeps
+    the user's own rate and channels); the others get the engine's 16 kHz mono."""
     t0 = time.perf_counter()
-    interrupted = False
+    interrupted = quit_ = False
     max_backlog_seen = 0
+    warned_at = -WARN_EVERY_S
 
-    def drain(finished: bool = False) -> None:
+    def behind() -> None:
+        nonlocal warned_at
+        now = time.perf_counter()
+        if options.warn is None or now - warned_at < WARN_EVERY_S:
+            return
+        warned_at = now
+        options.warn(f"compute is behind real time: {stream.frames_dropped} frame(s) dropped so far (step p50 "
+                     f"{_pct(stream.times.step[-50:], 50):.1f} ms, budget {1000 / tb.FPS:.0f} ms): try a smaller "
+                     "--size, --still, --renderer warp or a GPU backend")
+
+    def drain(finished: bool = False) -> bool:
+        """Render what is ready; True when a sink asks to stop."""
         nonlocal max_backlog_seen
         while stream.is_ready():
             # After the input ends, the last R frames become ready at once by design (their
@@ -80,19 +102,30 @@ def run_session(stream: Stream, source: Iterable[np.ndarray], sinks: Sequence = 
                 max_backlog_seen = max(max_backlog_seen, backlog)
                 if backlog > options.max_backlog:
                     stream.skip(backlog - options.max_backlog)
+                    behind()
                     continue
             frame = stream.step()
             for s in sinks:
                 s.write(frame.image, frame.pts)
+            if any(getattr(s, "quit_requested", False) for s in sinks):
+                return True
+        return False
 
     try:
         for chunk in source:
             stream.accept_waveform(chunk, tb.SAMPLE_RATE)
+            raw = raw_audio() if raw_audio is not None else None
             for s in audio_sinks:
-                s.write_audio(chunk)
-            drain()
-        stream.input_finished()
-        drain(finished=True)
+                if raw is not None and getattr(s, "takes_raw_audio", False):
+                    s.write_audio_raw(raw)
+                else:
+                    s.write_audio(chunk)
+            if drain():
+                quit_ = True
+                break
+        else:
+            stream.input_finished()
+            quit_ = drain(finished=True)
     except KeyboardInterrupt:
         interrupted = True
     wall = time.perf_counter() - t0
@@ -103,7 +136,7 @@ def run_session(stream: Stream, source: Iterable[np.ndarray], sinks: Sequence = 
         fps=stream.frames_out / wall if wall > 0 else 0.0,
         step_ms_p50=_pct(t.step, 50), step_ms_p99=_pct(t.step, 99),
         features_ms_p50=_pct(t.features, 50), decode_ms_p50=_pct(t.decode, 50),
-        paste_ms_p50=_pct(t.paste, 50), max_backlog_seen=max_backlog_seen, interrupted=interrupted,
+        paste_ms_p50=_pct(t.paste, 50), max_backlog_seen=max_backlog_seen, interrupted=interrupted, quit=quit_,
     )
 
 

@@ -199,9 +199,15 @@ class Mp4Sink(Sink):
     ``size`` is ``(width, height)`` of the frames written. yuv420p needs even dimensions:
     odd ones are padded by one edge-replicated pixel (logged). Video pts = frame index at
     ``fps`` (from ``pts_samples``), audio pts = samples at ``audio_sample_rate`` (None: no
-    audio track); both start at 0, so the offset between them is 0. Audio is given at
-    16 kHz and resampled if ``audio_sample_rate`` differs. The file is finalised on close.
+    audio track); both start at 0, so the offset between them is 0. The audio track has
+    ``audio_channels`` channels (1 or 2; more are mixed down to mono). ``write_audio_raw``
+    takes the user's audio as it arrived, ``(N, audio_channels)`` at ``audio_sample_rate``
+    (the session passes it when the source keeps it: the file carries the input's own rate
+    and channels); ``write_audio`` takes the engine's 16 kHz mono and converts it. The file
+    is finalised on close.
     """
+
+    takes_raw_audio = True
 
     name = "mp4"
 
@@ -212,6 +218,7 @@ class Mp4Sink(Sink):
         *,
         size: tuple[int, int],
         audio_sample_rate: int | None = SAMPLE_RATE,
+        audio_channels: int = 1,
         crf: int = 20,
         preset: str = "veryfast",
     ) -> None:
@@ -244,9 +251,11 @@ class Mp4Sink(Sink):
             self._audio = None
             self._resampler = None
             self.audio_sample_rate = audio_sample_rate
+            self.in_channels = _positive_int(audio_channels, "mp4 audio_channels")
+            self.channels = 2 if self.in_channels == 2 else 1
             if audio_sample_rate is not None:
                 rate = _positive_int(audio_sample_rate, "mp4 audio_sample_rate")
-                self._audio = self._container.add_stream("aac", rate=rate, layout="mono")
+                self._audio = self._container.add_stream("aac", rate=rate, layout=self._layout)
                 if rate != SAMPLE_RATE:
                     self._resampler = StreamResampler(SAMPLE_RATE, rate)
         except BaseException:
@@ -273,12 +282,20 @@ class Mp4Sink(Sink):
         self._container.mux(self._video.encode(vf))
         self._last_index = index
 
+    @property
+    def _layout(self) -> str:
+        return "stereo" if self.channels == 2 else "mono"
+
     def _encode_audio(self, x: np.ndarray) -> None:
+        """``x`` (N,) mono or (N, channels) at the track's rate."""
         import av
 
         if len(x) == 0:
             return
-        af = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="fltp", layout="mono")
+        planes = np.ascontiguousarray(np.asarray(x, np.float32).reshape(len(x), -1).T)
+        if planes.shape[0] != self.channels:  # mono into a stereo track
+            planes = np.repeat(planes[:1], self.channels, axis=0)
+        af = av.AudioFrame.from_ndarray(planes, format="fltp", layout=self._layout)
         af.sample_rate = self._audio.rate
         af.pts = self.audio_samples_written
         af.time_base = Fraction(1, self._audio.rate)
@@ -289,6 +306,21 @@ class Mp4Sink(Sink):
         if self._audio is None:
             return
         self._encode_audio(self._resampler.process(samples) if self._resampler is not None else samples)
+
+    def write_audio_raw(self, samples: np.ndarray) -> None:
+        """The user's audio as it arrived: ``(N, audio_channels)`` float32 at the track's rate."""
+        self._check_open()
+        if self._audio is None or len(samples) == 0:
+            return
+        x = np.asarray(samples, np.float32).reshape(len(samples), -1)
+        if x.shape[1] != self.in_channels:
+            raise SinkError(f"mp4: raw audio has {x.shape[1]} channel(s), the track was opened for {self.in_channels}")
+        if not np.all(np.isfinite(x)):
+            raise SinkError("mp4: raw audio holds NaN or infinite samples")
+        if self.in_channels > 2:
+            x = x.mean(axis=1, keepdims=True)
+        with self._guard():
+            self._encode_audio(x)
 
     def _close(self) -> None:
         try:
@@ -448,7 +480,7 @@ class AudioOutSink(Sink):
 
     def _open(self, device, frames_per_buffer: int, max_buffer_seconds: float, sample_rate) -> None:
         pa, pyaudio = self._pa, self._pyaudio
-        info = resolve_device(pa, device, "output", "--audio-out-device", SinkError)
+        info = resolve_device(pa, device, "output", "--audio-out", SinkError)
         self.device_index, self.device_name = int(info["index"]), str(info["name"])
         if sample_rate is not None:
             rate = _positive_int(sample_rate, "audio out sample_rate")
@@ -473,7 +505,7 @@ class AudioOutSink(Sink):
         except (OSError, ValueError) as e:
             raise SinkError(
                 f"cannot open audio output {self.device_index} {self.device_name!r} at {rate} Hz ({e}); "
-                "pick another device with --audio-out-device"
+                "pick another device with --audio-out"
             ) from e
 
     def _callback(self, in_data, frame_count, time_info, status):

@@ -101,6 +101,33 @@ class AudioSource:
     def __init__(self) -> None:
         self.samples_read = 0
         self._closed = False
+        # The audio as it arrived, before the conversion to 16 kHz mono, for sinks that carry
+        # the user's own audio (the mp4): collected only once ``keep_raw()`` was called.
+        self._raw: list[np.ndarray] | None = None
+
+    @property
+    def raw_format(self) -> tuple[int, int]:
+        """(sample rate, channels) of the audio as it arrives."""
+        return SAMPLE_RATE, 1
+
+    def keep_raw(self) -> None:
+        """From now on, keep the arriving audio for ``take_raw``."""
+        if self._raw is None:
+            self._raw = []
+
+    def take_raw(self) -> np.ndarray | None:
+        """``(N, channels)`` float32 at ``raw_format``'s rate that arrived since the last call
+        (None unless ``keep_raw()`` was called)."""
+        if self._raw is None:
+            return None
+        ch = self.raw_format[1]
+        out = np.concatenate(self._raw) if self._raw else np.zeros((0, ch), np.float32)
+        self._raw.clear()
+        return out
+
+    def _keep(self, raw: np.ndarray) -> None:
+        if self._raw is not None and len(raw):
+            self._raw.append(np.asarray(raw, np.float32).reshape(len(raw), -1))
 
     @property
     def dropped_samples(self) -> int:
@@ -141,6 +168,23 @@ class FileSource(AudioSource):
         self.realtime = bool(realtime)
         self.chunk_samples = int(chunk_samples)
         self.audio = load_audio(self.path)
+        self._native: tuple[np.ndarray, int] | None = None
+
+    @property
+    def raw_format(self) -> tuple[int, int]:
+        native = self._native_audio()
+        return native[1], native[0].shape[1]
+
+    def _native_audio(self) -> tuple[np.ndarray, int]:
+        if self._native is None:
+            from .audio import load_audio_native
+
+            self._native = load_audio_native(self.path)
+        return self._native
+
+    def keep_raw(self) -> None:
+        self._native_audio()  # decode now, not in the middle of the paced loop
+        super().keep_raw()
 
     def __iter__(self):
         n = len(self.audio)
@@ -156,49 +200,101 @@ class FileSource(AudioSource):
                 if delay > 0:
                     time.sleep(delay / _NS_PER_S)
             chunk = self.audio[pos:stop].copy()
+            if self._raw is not None:  # the same span at the file's own rate (integer bounds)
+                native, rate = self._native
+                last = stop if stop < n else None  # the last chunk takes what remains
+                self._keep(native[pos * rate // SAMPLE_RATE : None if last is None else last * rate // SAMPLE_RATE])
             pos = stop
             yield self._emit(chunk)
 
 
 class StdinSource(AudioSource):
-    """Raw signed 16-bit little-endian mono PCM from a binary stream (default stdin).
+    """Raw signed 16-bit little-endian PCM from a binary stream (default stdin): ``channels``
+    interleaved channels (averaged to mono) at ``sample_rate`` (resampled to 16 kHz).
 
-    Reads whatever the pipe holds (up to ``read_bytes``), carries an odd trailing byte to
-    the next read, and resamples to 16 kHz when ``sample_rate`` differs. Ends at EOF.
+    Reads whatever the pipe holds (up to ``read_bytes``) and carries a partial sample frame
+    to the next read. Ends at EOF. ``realtime``: chunks are released no faster than their
+    sample count allows (sample n due n / rate s after the first), so that a file piped in
+    plays like a live stream; a live writer is not slowed. The format cannot be read from raw
+    bytes: while data arrives from a live writer, ``check_rate`` compares its pace with the
+    declared format and warns when it is off by more than half (44.1 kHz stereo read as
+    16 kHz mono arrives 5.5 times too fast).
     """
 
-    def __init__(self, stream: BinaryIO | None = None, sample_rate: int = SAMPLE_RATE, read_bytes: int = 8192) -> None:
+    def __init__(self, stream: BinaryIO | None = None, sample_rate: int = SAMPLE_RATE, read_bytes: int = 8192,
+                 channels: int = 1, realtime: bool = False) -> None:
         super().__init__()
         if int(sample_rate) != sample_rate or sample_rate <= 0:
             raise SourceError(f"--stdin-rate must be a positive integer in Hz, got {sample_rate!r}")
+        if int(channels) != channels or not 1 <= channels <= 32:
+            raise SourceError(f"--stdin-channels must be an integer from 1 to 32, got {channels!r}")
         self.stream = stream if stream is not None else sys.stdin.buffer
         self.input_rate = int(sample_rate)
+        self.channels = int(channels)
+        self.realtime = bool(realtime)
         self.read_bytes = int(read_bytes)
         self._resampler = StreamResampler(self.input_rate) if self.input_rate != SAMPLE_RATE else None
+        self.frames_in = 0  # sample frames (per channel) read so far
+        self.rate_warning: str | None = None
+
+    @property
+    def raw_format(self) -> tuple[int, int]:
+        return self.input_rate, self.channels
 
     def _read(self) -> bytes:
         # read1: return what is available now rather than waiting for a full buffer.
         read = getattr(self.stream, "read1", self.stream.read)
         return read(self.read_bytes)
 
+    def check_rate(self, frames: int, seconds: float) -> str | None:
+        """A warning when ``frames`` sample frames in ``seconds`` of wall time fit the declared
+        rate badly (only a live writer's pace says anything: a file dumped into the pipe
+        arrives far faster than any audio rate, and is left alone)."""
+        if seconds < 2.0 or frames == 0:
+            return None
+        pace = frames / seconds / self.input_rate
+        if 0.6 <= pace <= 1.6 or pace > 20:
+            return None
+        return (f"stdin delivers {frames / seconds:,.0f} sample frames/s, {pace:.2g}x the {self.input_rate} Hz "
+                f"{self.channels}-channel s16le declared: if the writer is live, its format differs (44.1 kHz "
+                "stereo read as 16 kHz mono arrives 5.5x too fast); set --stdin-rate and --stdin-channels")
+
     def __iter__(self):
         carry = b""
+        width = 2 * self.channels
+        t0 = None
         while not self._closed:
             data = self._read()
             if not data:
                 break
+            if t0 is None:
+                t0 = time.monotonic_ns()
             data = carry + data
-            cut = len(data) - len(data) % 2
+            cut = len(data) - len(data) % width
             data, carry = data[:cut], data[cut:]
             if not data:
                 continue
-            x = read_pcm16(data)
+            frames = read_pcm16(data).reshape(-1, self.channels)
+            self.frames_in += len(frames)
+            seconds = (time.monotonic_ns() - t0) / _NS_PER_S
+            if self.rate_warning is None and not self.realtime:
+                self.rate_warning = self.check_rate(self.frames_in, seconds)
+                if self.rate_warning:
+                    log.warning("%s", self.rate_warning)
+            if self.realtime:
+                due_ns = t0 + -(-self.frames_in * _NS_PER_S // self.input_rate)
+                delay = due_ns - time.monotonic_ns()
+                if delay > 0:
+                    time.sleep(delay / _NS_PER_S)
+            self._keep(frames)
+            x = frames[:, 0] if self.channels == 1 else frames.mean(axis=1, dtype=np.float32)
             if self._resampler is not None:
                 x = self._resampler.process(x)
             if len(x):
                 yield self._emit(x)
         if carry:
-            log.warning("stdin ended in the middle of a 16-bit sample; the last byte was ignored")
+            log.warning("stdin ended in the middle of a 16-bit sample%s; the last %d byte(s) were ignored",
+                        "" if self.channels == 1 else f" frame of {self.channels} channels", len(carry))
         if self._resampler is not None:
             tail = self._resampler.flush()
             if len(tail):
@@ -405,9 +501,14 @@ class MicSource(AudioSource):
         frames, first = self._ring.read(self._read_pos, w)
         self._drop(first - self._read_pos)  # overwritten during the copy
         self._read_pos = w
+        self._keep(frames.astype(np.float32) / np.float32(32768.0))
         x = frames.astype(np.float32).mean(axis=1) if self.channels > 1 else frames[:, 0].astype(np.float32)
         x /= np.float32(32768.0)
         return self._resampler.process(x) if self._resampler is not None else x
+
+    @property
+    def raw_format(self) -> tuple[int, int]:
+        return self.input_rate, self.channels
 
     def __iter__(self):
         while True:

@@ -81,6 +81,7 @@ class FaceContext:
     # silence (where a frame's face differs little from it, the detail is added back).
     detail: PhotoDetail | None = None
     neutral: np.ndarray | None = None
+    framing: object | None = None  # engine/framing.Framing: how the user's photo became ``photo``
 
     @property
     def seed(self) -> int:
@@ -187,7 +188,14 @@ class Engine:
         return self.model.backend
 
     # -- per-face work, done once ------------------------------------------------------
-    def prepare_face(self, photo: np.ndarray, face_index: int | None = None) -> FaceContext:
+    def prepare_face(self, photo: np.ndarray, face_index: int | None = None,
+                     output_size: tuple[int, int] | None = None, fit: str = "crop") -> FaceContext:
+        """Frame the photo to the output (engine/framing.py: ``output_size`` (W, H), or the
+        photo's own aspect at most ``framing.MAX_SIDE`` px), then find and align the face
+        and prepare the renderer, all at the output's resolution."""
+        framing = self._framing(photo, face_index, output_size, fit)
+        photo, face_index = framing[1], framing[2]
+        framing = framing[0]
         aligned = self.aligner.align(photo, face_index=face_index)
         f_id, skips = self.model.encode_identity(aligned.crop[None])
         warp = motion = None
@@ -198,7 +206,8 @@ class Engine:
         elif self.alive:
             from avatar_stream.engine.warp import FaceWarper
 
-            motion = FaceWarper(photo, aligned.landmarks, moving_head=True, interpolation=cv2.INTER_CUBIC)
+            motion = FaceWarper(photo, aligned.landmarks, moving_head=True, interpolation=cv2.INTER_CUBIC,
+                                coarse_maps=True)
         detail = neutral = None
         if self.renderer == "neural":
             detail = PhotoDetail.of(photo, aligned.matrix)
@@ -206,14 +215,33 @@ class Engine:
                                                                  self.silent_features()[0].shape[0]))
             neutral = self.model.decode(np.ascontiguousarray(silent), f_id, skips)[0]
         return FaceContext(photo=photo, aligned=aligned, f_id=f_id, skips=skips, warp=warp, motion=motion,
-                           gray=is_grayscale(photo), detail=detail, neutral=neutral)
+                           gray=is_grayscale(photo), detail=detail, neutral=neutral, framing=framing)
+
+    def _framing(self, photo: np.ndarray, face_index: int | None, output_size, fit: str):
+        """(Framing, framed photo, the chosen face's index in the framed photo)."""
+        from avatar_stream.engine import framing as fr
+
+        _check_photo(photo)
+        box = fr.find_face_box(photo, self.aligner, face_index)
+        plan = fr.plan(photo.shape, box, output_size, fit)
+        framed = plan.apply(photo)
+        if face_index is not None and box is not None:
+            # Framing may cut other faces off: find the chosen one again by where it went.
+            centre = plan.matrix @ np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, 1.0])
+            boxes = self.aligner.detect(framed)
+            if boxes:
+                face_index = int(np.argmin([np.hypot((b[0] + b[2]) / 2 - centre[0], (b[1] + b[3]) / 2 - centre[1])
+                                            for b in boxes]))
+        return plan, framed, face_index
 
     def create_stream(self, face: FaceContext | np.ndarray, face_index: int | None = None,
                       output_size: tuple[int, int] | None = None, crop_only: bool = False,
-                      seed: int | None = None) -> Stream:
-        """``seed``: the idle motion's (default: one fixed by the photo, ``FaceContext.seed``)."""
+                      seed: int | None = None, fit: str = "crop") -> Stream:
+        """``seed``: the idle motion's (default: one fixed by the photo, ``FaceContext.seed``).
+        A photo is framed to ``output_size`` once here (``prepare_face``); a face prepared
+        for another size is resized every frame (slower: prepare it for this size)."""
         if not isinstance(face, FaceContext):
-            face = self.prepare_face(face, face_index)
+            face = self.prepare_face(face, face_index, output_size, fit)
         return Stream(self, face, output_size=output_size, crop_only=crop_only, seed=seed)
 
 
@@ -523,11 +551,19 @@ class Stream:
         return self._resize(image)
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
-        if self.output_size is None:
+        if self.output_size is None or tuple(self.output_size) == (image.shape[1], image.shape[0]):
             return image
         import cv2
 
         return cv2.resize(image, self.output_size, interpolation=cv2.INTER_AREA)
+
+
+def _check_photo(photo) -> None:
+    from avatar_stream.engine.face import FaceError
+
+    if not isinstance(photo, np.ndarray) or photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
+        got = f"{photo.dtype} {photo.shape}" if isinstance(photo, np.ndarray) else type(photo).__name__
+        raise FaceError(f"the photo must be an RGB uint8 (H, W, 3) array, got {got}: load it with read_image()")
 
 
 def render_offline(engine: Engine, face: FaceContext | np.ndarray, audio: np.ndarray,

@@ -245,3 +245,71 @@ def test_main_restores_sigterm_handler(capsys, tmp_path):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+class _Stdin:
+    def __init__(self, data: bytes):
+        import io
+
+        self.buffer = io.BytesIO(data)
+
+
+def test_mp4_carries_the_inputs_own_rate_and_channels(capsys, tiny_model_dir, tmp_path):
+    wav = tmp_path / "st44.wav"
+    subprocess.run(["sox", str(DEMO_SPEECH), "-r", "44100", "-c", "2", str(wav)], check=True)
+    out = tmp_path / "st.mp4"
+    code, err = run_cli(capsys, "--face", DEMO_FACE, "--audio", wav, "--out", out, "--model", tiny_model_dir,
+                        "--backend", "cpu", "--still")
+    assert code == 0, err
+    with av.open(str(out)) as c:
+        a = c.streams.audio[0]
+        assert (a.sample_rate, a.channels) == (44100, 2)
+        samples = sum(f.samples for f in c.decode(audio=0))
+    with av.open(str(out)) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    assert abs(samples / 44100 - frames / tb.FPS) < 0.1
+
+
+def test_stdin_empty_is_an_error_and_leaves_no_file(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", _Stdin(b""))
+    out = tmp_path / "empty.mp4"
+    code, err = run_cli(capsys, "--stdin", "--out", out, "--model", tiny_model_dir, "--backend", "cpu")
+    assert code == 2 and "stdin delivered no audio" in error_line(err)
+    assert not out.exists()
+
+
+def test_stdin_stereo_declared_realtime_and_its_format_said(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    from avatar_stream.engine.audio import load_audio
+
+    x = load_audio(DEMO_SPEECH)[: tb.SAMPLE_RATE]
+    pcm = (np.stack([x, 0.5 * x], 1) * 32767).astype("<i2").tobytes()
+    monkeypatch.setattr(sys, "stdin", _Stdin(pcm))
+    out = tmp_path / "stdin.mp4"
+    t0 = time.monotonic()
+    code, err = run_cli(capsys, "--stdin", "--stdin-channels", "2", "--realtime", "--out", out,
+                        "--model", tiny_model_dir, "--backend", "cpu", "--still")
+    assert code == 0, err
+    assert time.monotonic() - t0 >= 0.9  # paced: one second of audio takes a second at least
+    assert "2 channel(s), 16000 Hz" in err and "paced to the wall clock" in err
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].channels == 2
+
+
+def test_a_big_photo_is_framed_once_to_the_output(capsys, tiny_model_dir, tmp_path):
+    import cv2
+
+    big = tmp_path / "big.jpg"
+    photo = cv2.imread(str(DEMO_FACE))
+    cv2.imwrite(str(big), cv2.resize(photo, (2000, 2000), interpolation=cv2.INTER_CUBIC))
+    for extra, size in (([], (1280, 1280)), (["--size", "640x360"], (640, 360)),
+                        (["--size", "640x360", "--fit", "letterbox"], (640, 360))):
+        out = tmp_path / f"big{len(extra)}.mp4"
+        code, err = run_cli(capsys, "--face", big, "--audio", DEMO_SPEECH, "--duration", "0.5", "--out", out,
+                            "--model", tiny_model_dir, "--backend", "cpu", *extra)
+        assert code == 0, err
+        assert f"photo 2000x2000 -> output {size[0]}x{size[1]}" in err
+        with av.open(str(out)) as c:
+            frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+        assert frame.shape[:2] == (size[1], size[0])
+        if "letterbox" in extra:  # the whole photo, black bars left and right
+            assert frame[:, :100].max() < 20 and frame[:, 200:440].mean() > 40

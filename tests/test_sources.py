@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from avatar_stream import DEMO_SPEECH
 from avatar_stream.engine.audio import AudioError, StreamResampler, load_audio, read_pcm16, resample
 from avatar_stream.engine.sources import (
     FileSource,
@@ -348,3 +349,54 @@ def test_mic_without_pyaudio_says_how_to_install(monkeypatch):
     for make in (MicSource, list_devices):
         with pytest.raises(SourceError, match=r"pyaudio is not installed .*pip install 'avatar-stream\[mic\]'"):
             make()
+
+
+def test_stdin_source_mixes_channels_and_keeps_the_raw_audio():
+    left = (np.arange(2000) % 200 - 100).astype("<i2") * 100
+    right = -left // 2
+    data = np.stack([left, right], 1).astype("<i2").tobytes()
+    src = StdinSource(_OddReads(data, [3, 7, 1001, 5000]), channels=2)
+    src.keep_raw()
+    got, raw = [], []
+    for chunk in src:
+        got.append(chunk)
+        raw.append(src.take_raw())
+    want = (left.astype(np.float32) + right.astype(np.float32)) / 2 / 32768.0
+    np.testing.assert_allclose(np.concatenate(got), want, atol=1e-7)
+    raw = np.concatenate(raw)
+    assert raw.shape == (2000, 2) and src.raw_format == (16000, 2)
+    np.testing.assert_array_equal(raw[:, 1], right.astype(np.float32) / 32768.0)
+    with pytest.raises(SourceError, match="--stdin-channels"):
+        StdinSource(_OddReads(b"", [1]), channels=0)
+
+
+def test_stdin_rate_check_flags_a_live_writer_in_another_format():
+    src = StdinSource(_OddReads(b"", [1]))
+    assert src.check_rate(16000 * 3, 3.0) is None  # as declared
+    assert src.check_rate(16000 * 300, 3.0) is None  # a file dumped into the pipe: says nothing
+    assert src.check_rate(16000, 1.0) is None  # too early to tell
+    msg = src.check_rate(88200 * 3, 3.0)  # 44.1 kHz stereo, live
+    assert "5.5x" in msg and "--stdin-rate" in msg
+
+
+def test_stdin_realtime_is_never_faster_than_the_audio():
+    data = np.zeros(8000, "<i2").tobytes()  # 0.5 s
+    src = StdinSource(_OddReads(data, [4000] * 5), realtime=True)
+    t0 = time.monotonic()
+    n = sum(len(c) for c in src)
+    assert n == 8000 and time.monotonic() - t0 >= 0.45
+
+
+def test_file_source_keeps_the_files_own_rate_and_channels(tmp_path):
+    wav = tmp_path / "st.wav"
+    subprocess.run(["sox", str(DEMO_SPEECH), "-r", "44100", "-c", "2", str(wav)], check=True)
+    src = FileSource(wav, chunk_samples=333)
+    src.keep_raw()
+    assert src.raw_format == (44100, 2)
+    raw = []
+    total = 0
+    for chunk in src:
+        total += len(chunk)
+        raw.append(src.take_raw())
+    raw = np.concatenate(raw)
+    assert raw.shape[1] == 2 and abs(len(raw) / 44100 - total / 16000) < 1e-3

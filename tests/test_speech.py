@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import multiprocessing
+import os
 import shutil
 import subprocess
 import threading
@@ -392,3 +393,38 @@ def test_recognised_words_label_real_speech_better_than_the_phone_loop(shared_da
     print(f"AU label F1 vs the transcript: phone loop {f_loop.round(2)} mean {f_loop.mean():.3f}; "
           f"recognised words {f_heard.round(2)} mean {f_heard.mean():.3f}")
     assert f_heard.mean() > 0.85 and f_heard.mean() > f_loop.mean() + 0.1
+
+
+def test_synthesis_does_not_depend_on_the_processs_random_state():
+    """espeak-ng draws noise from the C library's rand(): an utterance must not change when
+    something in the process called rand() before (this made the comparisons above flaky)."""
+    import ctypes
+
+    want = speech.synthesize("place white in j three please", "en-us+f3", 170, 40).audio
+
+    def synth_after_rand_calls(n: int) -> bytes:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a fresh process state, as the zygote's children have, then n rand() calls
+            os.close(r)
+            try:
+                lib = speech._load_library()
+                rate = lib.espeak_Initialize(speech._AUDIO_OUTPUT_SYNCHRONOUS, 0, None,
+                                             speech._INITIALIZE_PHONEME_EVENTS)
+                for _ in range(n):
+                    ctypes.CDLL(None).rand()
+                header, pcm = speech._child_synth(lib, rate, {"op": "synth", "voice": "en-us+f3", "rate": 170,
+                                                              "pitch": 40, "text": "place white in j three please"})
+                os.write(w, pcm)
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        return data
+
+    a, b = synth_after_rand_calls(0), synth_after_rand_calls(7)
+    assert a == b and len(a) > 1000
+    audio = resample(np.frombuffer(a, "<i2").astype(np.float32) / 32768.0, 22050)
+    np.testing.assert_array_equal(np.clip(audio, -1, 1), want)

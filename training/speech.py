@@ -371,6 +371,11 @@ def _child_synth(lib: ctypes.CDLL, rate: int, req: dict) -> tuple[dict, bytes]:
             i += 1
         return 0
 
+    # espeak-ng draws its noise (breath, frication) from the C library's rand(), whose state
+    # is the process's: whatever in this process called rand() before would change the
+    # samples. Seeding it as a fresh process starts (glibc's initial seed is 1) makes every
+    # utterance a function of its arguments alone, and equal to the espeak-ng program's.
+    ctypes.CDLL(None).srand(1)
     callback = _SynthCallback(on_synth)
     lib.espeak_SetSynthCallback(callback)
     if lib.espeak_SetVoiceByName(req["voice"].encode()) != 0:
