@@ -25,6 +25,7 @@ import numpy as np
 from avatar_stream import DEMO_FACE, DEMO_SPEECH, __version__
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.model import FRAME_BACKENDS
+from avatar_stream.engine.framing import FITS
 from avatar_stream.engine.stream import RENDERERS
 
 
@@ -66,15 +67,20 @@ def bench_graphs(model, batches: list[int], repeat: int) -> list[dict]:
     return rows
 
 
-def bench_stream(engine, seconds: float) -> dict:
+def bench_stream(engine, seconds: float, photo=None, size: tuple[int, int] | None = None,
+                 fit: str = "crop") -> dict:
     """The real streaming loop over ``seconds`` of the bundled speech (looped), pushed one
-    video frame of audio at a time as fast as possible; every step timed."""
+    video frame of audio at a time as fast as possible; every step timed. ``photo``: an
+    image path (default: the bundled photo), framed to ``size`` as ``avatar-stream`` does."""
     from avatar_stream.engine.audio import load_audio
     from avatar_stream.engine.face import read_image
 
     n = int(seconds * tb.SAMPLE_RATE)
     audio = np.resize(load_audio(DEMO_SPEECH), n)
-    face = engine.prepare_face(read_image(DEMO_FACE))
+    image = read_image(photo or DEMO_FACE)
+    t = time.perf_counter()
+    face = engine.prepare_face(image, output_size=size, fit=fit)
+    prepare_s = time.perf_counter() - t
     stream = engine.create_stream(face)
     step_ms = []
     t0 = time.perf_counter()
@@ -92,7 +98,8 @@ def bench_stream(engine, seconds: float) -> dict:
         "frames": frames, "audio_seconds": n / tb.SAMPLE_RATE, "wall_seconds": wall,
         "fps": frames / wall, "realtime_factor": (n / tb.SAMPLE_RATE) / wall,
         "step_ms_p50": float(np.median(step_ms)), "step_ms_p99": float(np.percentile(step_ms, 99)),
-        "output_size": list(face.photo.shape[:2]),
+        "output_size": list(face.photo.shape[:2]), "photo_size": list(image.shape[:2]),
+        "prepare_seconds": prepare_s,
     }
 
 
@@ -134,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="audio length for the streaming run")
     p.add_argument("--streams", type=int, default=0,
                    help="also run N sessions batched together (step_many) and report aggregate fps")
+    p.add_argument("--photo", type=Path, default=None, help="face photo for the streaming runs (default: bundled)")
+    p.add_argument("--size", default=None, metavar="WxH", help="output size, as avatar-stream --size")
+    p.add_argument("--fit", default="crop", choices=FITS)
     p.add_argument("--json", type=Path, default=Path("bench.json"))
     args = p.parse_args(argv)
     from avatar_stream.engine.stream import Engine
@@ -143,12 +153,23 @@ def main(argv: list[str] | None = None) -> int:
         if min(batches) < 1 or args.repeat < 1 or not args.seconds * tb.SAMPLE_RATE >= tb.SAMPLES_PER_FRAME:
             raise ValueError("--batch sizes and --repeat must be at least 1, --seconds at least one "
                              f"frame ({1 / tb.FPS} s)")
+        size = None
+        if args.size is not None:
+            try:
+                size = tuple(int(v) for v in args.size.lower().split("x"))
+                assert len(size) == 2 and min(size) > 0
+            except (ValueError, AssertionError):
+                raise ValueError(f"--size {args.size!r} is not WIDTHxHEIGHT, e.g. 1280x720") from None
         engine = Engine(args.model, backend=args.backend, renderer=args.renderer, frame_backend=args.frame_backend)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"avatar-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     graphs = bench_graphs(engine.model, batches, args.repeat)
-    stream = bench_stream(engine, args.seconds)
+    try:
+        stream = bench_stream(engine, args.seconds, args.photo, size, args.fit)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"avatar-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     many = bench_many(engine, args.streams, args.seconds) if args.streams > 0 else None
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result = {
@@ -165,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in graphs:
         print(f"{r['graph']:<15}{r['batch']:>6}{r['ms_p50']:>10.2f}{r['ms_p99']:>10.2f}{r['ms_per_item']:>10.2f}")
     s = stream
-    print(f"stream ({args.renderer}, {s['output_size'][1]}x{s['output_size'][0]} output): "
+    print(f"stream ({args.renderer}, {s['photo_size'][1]}x{s['photo_size'][0]} photo, "
+          f"{s['output_size'][1]}x{s['output_size'][0]} output, prepared in {s['prepare_seconds']:.2f} s): "
           f"{s['frames']} frames in {s['wall_seconds']:.2f} s = {s['fps']:.1f} fps, "
           f"{s['realtime_factor']:.2f}x real time; step p50 {s['step_ms_p50']:.1f} ms, "
           f"p99 {s['step_ms_p99']:.1f} ms (budget {1000 / tb.FPS:.0f} ms)")

@@ -161,6 +161,16 @@ class Engine:
             self._silent = (feat[0], au[0])
         return self._silent
 
+    def warm_up(self, face: FaceContext) -> None:
+        """Render a few frames of silence for ``face`` on a throwaway stream: the first calls
+        of each graph (memory planning) and of the renderer take several times a normal step,
+        which a live session would pay by dropping its first frames."""
+        stream = Stream(self, face)
+        stream.accept_waveform(np.zeros(4 * tb.SAMPLES_PER_FRAME + tb.WINDOW_SAMPLES, np.float32))
+        for _ in range(3):
+            if stream.is_ready():
+                stream.step()
+
     @property
     def has_mouth_head(self) -> bool:
         return self.model.mouth is not None

@@ -28,3 +28,21 @@ def test_bench_bad_numbers_are_one_line(tiny_model_dir, tmp_path, capsys):
         assert main(["--model", str(tiny_model_dir), "--backend", "cpu", *bad,
                      "--json", str(tmp_path / "b.json")]) == 2, bad
         assert "error:" in capsys.readouterr().err
+
+
+def test_bench_photo_and_size(tiny_model_dir, tmp_path, capsys):
+    import cv2
+    from avatar_stream import DEMO_FACE
+
+    big = tmp_path / "big.jpg"
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(DEMO_FACE)), (1500, 1500)))
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tiny_model_dir), "--backend", "cpu", "--batch", "1", "--repeat", "1",
+                 "--seconds", "0.5", "--photo", str(big), "--size", "640x360", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["stream"]
+    assert s["photo_size"] == [1500, 1500] and s["output_size"] == [360, 640]
+    assert "1500x1500 photo, 640x360 output" in capsys.readouterr().out
+    assert main(["--model", str(tiny_model_dir), "--backend", "cpu", "--size", "640", "--json", str(out)]) == 2
+    assert main(["--model", str(tiny_model_dir), "--backend", "cpu", "--photo", str(tmp_path / "none.jpg"),
+                 "--json", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err
