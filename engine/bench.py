@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from avatar_stream import DEMO_FACE, DEMO_SPEECH, __version__
 from avatar_stream.engine import timebase as tb
-from avatar_stream.engine.model import FRAME_BACKENDS
 from avatar_stream.engine.framing import FITS
+from avatar_stream.engine.model import FRAME_BACKENDS
 from avatar_stream.engine.stream import RENDERERS
 
 
