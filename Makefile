@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PKGS := espeak-ng libespeak-ng1 ffmpeg portaudio19-dev sox
-EXTRAS := train,mic,dev
+APT_PKGS := espeak-ng libespeak-ng1 ffmpeg portaudio19-dev sox chromium
+EXTRAS := train,mic,serve,livekit,pipecat,dev
 
 .PHONY: demo test test-all lint bench clean-venv apt
 
@@ -45,7 +45,7 @@ test-all: apt $(STAMP)
 	$(PY) -m pytest -q -m "" --timeout 7200
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine export training tests demos pkg
+	$(VENV)/bin/ruff check engine export training integrations tests demos pkg
 
 clean-venv:
 	rm -rf $(VENV)

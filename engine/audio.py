@@ -167,6 +167,11 @@ class StreamResampler:
         self._n_in = 0
         self._n_out = 0
 
+    def silence_history(self) -> None:
+        """Take every input received so far as zeros for the outputs still to come (their
+        count and timing are unchanged): the signal is cut off where the emitted output ends."""
+        self._buf[:] = 0.0
+
     def process(self, chunk: np.ndarray) -> np.ndarray:
         """Append input samples (1-D float); return the float32 outputs that became ready."""
         x = np.asarray(chunk)

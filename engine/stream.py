@@ -387,6 +387,23 @@ class Stream:
             self._buf = np.concatenate([self._buf, samples])
             self._received += samples.size
 
+    def silence_from(self, sample: int) -> None:
+        """Replace the audio from absolute 16 kHz sample ``sample`` on with digital silence
+        (barge-in: the speech the user interrupted must stop moving the mouth). Features of
+        frames whose windows reach past ``sample`` are recomputed when next needed; frames
+        already produced stay as they were. Audio not yet through the resampler is silenced
+        too (``sample`` is at or before the end of what was received: a cut-off in the past)."""
+        if sample > self._received:
+            raise ValueError(f"silence_from({sample}): only {self._received} samples received so far")
+        for rs in self._resamplers.values():
+            rs.silence_history()
+        lo = max(int(sample), self._buf_start)
+        if lo < self._received:
+            self._buf[lo - self._buf_start :] = 0.0
+        stale = [j for j in self._feats if tb.window_bounds(j)[1] > sample]
+        for j in stale:
+            del self._feats[j]
+
     def input_finished(self) -> None:
         """No more audio: flush the resampler; the tail frames become ready (zero padded)."""
         for rs in self._resamplers.values():
@@ -464,10 +481,9 @@ class Stream:
         for j in [j for j in self._feats if j < keep_from]:
             del self._feats[j]
         # (Feature 0 survives while keep_from <= 0: frames k < R edge-replicate it.)
-        # Audio is needed only by features still to compute: those from the first one not
-        # cached, never below keep_from (_ensure_features starts there).
-        next_feat = max(max(self._feats.keys(), default=-1) + 1, keep_from, 0)
-        cut = tb.window_bounds(next_feat)[0]
+        # Audio is kept for every feature a future frame can need, computed or not, so that
+        # silence_from() can recompute the ones it invalidates.
+        cut = tb.window_bounds(max(keep_from, 0))[0]
         if cut > self._buf_start:
             drop = min(cut - self._buf_start, self._buf.size)
             self._buf = self._buf[drop:]
