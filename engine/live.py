@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import AudioError, StreamResampler
 from avatar_stream.engine.stream import Engine, FaceContext, Stream, step_many
