@@ -144,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photo", type=Path, default=None, help="face photo for the streaming runs (default: bundled)")
     p.add_argument("--size", default=None, metavar="WxH", help="output size, as avatar-stream --size")
     p.add_argument("--fit", default="crop", choices=FITS)
+    p.add_argument("--serve", default=None, metavar="N[,N...]",
+                   help="instead: sessions held by avatar-serve with N loopback WebRTC peers each (drops, "
+                        "latency), for each N; --seconds per run")
     p.add_argument("--json", type=Path, default=Path("bench.json"))
     args = p.parse_args(argv)
+    if args.serve is not None:
+        return _serve(args)
     from avatar_stream.engine.stream import Engine
 
     try:
@@ -197,6 +202,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"algorithmic latency {engine.latency.ms:.1f} ms; peak RSS {peak_mb:.0f} MB")
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
+    return 0
+
+
+def _serve(args) -> int:
+    from avatar_stream.engine import bench_serve
+
+    try:
+        counts = [int(n) for n in args.serve.split(",")]
+        if min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"avatar-bench: error: --serve {args.serve!r}: pass session counts, e.g. 1,2,3", file=sys.stderr)
+        return 2
+    extra = ["--renderer", args.renderer, "--backend", args.backend]
+    if args.model is not None:
+        extra += ["--model", str(args.model)]
+    try:
+        rows = bench_serve.run(counts, args.seconds, extra)
+    except (RuntimeError, OSError) as e:
+        print(f"avatar-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    bench_serve.report(rows, args.json)
     return 0
 
 

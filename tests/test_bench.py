@@ -46,3 +46,18 @@ def test_bench_photo_and_size(tiny_model_dir, tmp_path, capsys):
     assert main(["--model", str(tiny_model_dir), "--backend", "cpu", "--photo", str(tmp_path / "none.jpg"),
                  "--json", str(out)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bench_serve_holds_sessions_over_webrtc(tmp_path, capsys):
+    """avatar-serve in its own process, one real loopback WebRTC peer: frames arrive."""
+    out = tmp_path / "serve.json"
+    assert main(["--serve", "1", "--seconds", "2", "--backend", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["sessions"] for r in rows] == [1]
+    assert rows[0]["sent_total"] > 25 and rows[0]["peers"][0]["video_frames"] > 25
+    assert "latency p50" in capsys.readouterr().out
+
+
+def test_bench_serve_bad_counts_are_one_line(tmp_path, capsys):
+    assert main(["--serve", "two", "--json", str(tmp_path / "b.json")]) == 2
+    assert "error:" in capsys.readouterr().err

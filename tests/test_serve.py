@@ -182,7 +182,7 @@ def test_metrics_are_prometheus_text(engine):
         assert count == [1]
 
 
-async def _client(base: str, sid: str, wav: Path, seconds: float) -> tuple[list[np.ndarray], int]:
+async def _client(base: str, sid: str, wav: Path, seconds: float, before_close=None) -> tuple[list[np.ndarray], int]:
     """A real WebRTC peer: sends ``wav`` as its microphone, returns the video frames received
     and the audio samples received."""
     import aiohttp
@@ -216,6 +216,8 @@ async def _client(base: str, sid: str, wav: Path, seconds: float) -> tuple[list[
         answer = await r.json()
     await pc.setRemoteDescription(RTCSessionDescription(**answer))
     await asyncio.sleep(seconds)
+    if before_close is not None:
+        before_close()
     await pc.close()
     for t in tasks:
         t.cancel()
@@ -229,9 +231,14 @@ def test_two_webrtc_sessions_get_their_own_faces(engine, photos):
         for key in ("a", "b"):
             r = await client.post("/sessions", data=photos[key], headers={"Content-Type": "image/jpeg"})
             ids.append((await r.json())["id"])
-        results = await asyncio.gather(*(_client(base, sid, DEMO_SPEECH, 4.0) for sid in ids))
-        figures = [server.sessions[sid].figures() for sid in ids if sid in server.sessions]
-        return results, figures, server.metrics
+        figures = {}
+
+        def grab(sid):
+            figures[sid] = server.sessions[sid].figures()
+
+        results = await asyncio.gather(*(_client(base, sid, DEMO_SPEECH, 4.0, lambda s=sid: grab(s))
+                                         for sid in ids))
+        return results, list(figures.values()), server.metrics
 
     results, figures, metrics = _run(engine, go, max_sessions=2)
     refs = [photos["face"].astype(np.float32), photos["mirror"].astype(np.float32)]
@@ -243,7 +250,7 @@ def test_two_webrtc_sessions_get_their_own_faces(engine, photos):
         own, other = np.abs(last - refs[i]).mean(), np.abs(last - refs[1 - i]).mean()
         assert own < 0.5 * other, (i, own, other)  # its own face, not the other session's
     assert metrics.frames > 80 and metrics.latency.n > 0  # the clients' speech reached the faces
-    assert all(f["mic_seconds"] > 1.0 for f in figures)
+    assert len(figures) == 2 and all(f["mic_seconds"] > 1.0 and f["connected"] for f in figures), figures
 
 
 def _free_port() -> int:
