@@ -19,7 +19,14 @@ waiting, and a frame's latency is its audio's wait in the queue plus ``lead_tick
 
 Barge-in (:meth:`LiveAvatar.clear`) drops the queue and replaces the audio already in the
 pipeline with silence, in the stream too: the mouth closes with the sound instead of
-mouthing the ``lead_ticks`` frames of speech the user cut off.
+mouthing the ``lead_ticks`` frames of speech the user cut off. The cut is recorded at once
+and applied by the next tick, so a barge-in never edits a stream while it renders.
+
+Jitter. Pushed audio rarely arrives in whole ticks (a browser sends 20 ms, a network frame
+is what it is). A tick that finds less than 40 ms of an unfinished utterance waits one tick
+for the rest (it plays silence, counted as an underrun) rather than playing the part with a
+gap in it; if the rest has still not come, it plays what there is. An utterance's last
+partial tick plays at once once ``end_segment`` says nothing more is coming.
 
 Many sessions on one engine: :func:`render_ticks` advances each one tick with the model
 calls batched (``step_many``). Nothing here sleeps or starts threads: pacing is the
@@ -84,7 +91,7 @@ class LiveStats:
     skipped: int = 0  # ticks whose image was not rendered (the caller fell behind)
     segments: int = 0
     interruptions: int = 0
-    underruns: int = 0  # ticks that ran out of queued speech before its segment ended
+    underruns: int = 0  # ticks short of queued speech before its segment ended
     dropped_samples: int = 0  # queue overflow (max_queue_seconds)
     latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
 
@@ -125,9 +132,11 @@ class LiveAvatar:
         self._lock = threading.Lock()
         self._queue: collections.deque = collections.deque()  # (float32 (n, ch), arrival) or _END
         self._queued = 0  # samples in the queue
-        self._resamplers: dict[tuple[int, int], StreamResampler] = {}
+        self._resamplers: dict[int, list[StreamResampler]] = {}  # input rate -> one per channel
         self._in_segment = False  # pushed audio since the last segment end
         self._interrupted = False
+        self._cut_pending = False  # clear() was called: silence the pipeline at the next tick
+        self._held_ticks = 0  # consecutive ticks that waited for the rest of a partial tick
         self._pipeline: collections.deque[_Chunk] = collections.deque()  # appended, not yet shown
         self._index = 0
         self._last_image: np.ndarray | None = None
@@ -158,42 +167,54 @@ class LiveAvatar:
         now = self.clock()
         with self._lock:
             x = self._convert(x, int(sample_rate))
+            self._in_segment = True  # even if the converter holds all of it for now
             if not x.shape[0]:
                 return
             self._queue.append((x, now))
             self._queued += x.shape[0]
-            self._in_segment = True
             if self.max_queue_samples is not None:
                 self._trim_queue()
 
     def end_segment(self) -> None:
         """The utterance pushed so far is complete: the frame that plays its last sample
-        comes back with ``segment_end`` set (LiveKit's playback_finished, for instance)."""
+        comes back with ``segment_end`` set (LiveKit's playback_finished, for instance).
+        Audio still inside a rate converter (its last few milliseconds) is queued first."""
         with self._lock:
+            self._flush_resamplers()
             if self._in_segment:
                 self._queue.append(_END)
                 self._in_segment = False
 
     def clear(self) -> None:
         """Barge-in: forget the queue, silence what is already in the pipeline (sound and
-        mouth), and end the current utterance as interrupted."""
+        mouth) from the next tick on, and end the current utterance as interrupted."""
         with self._lock:
             had_speech = self._queued > 0 or any(c.speaking for c in self._pipeline)
             open_segment = self._in_segment or any(item is _END for item in self._queue)
             self._queue.clear()
             self._queued = 0
             self._in_segment = False
+            self._held_ticks = 0
             for rs in self._resamplers.values():
                 rs.reset()
+            self._resamplers.clear()
+            self._cut_pending = True
+            if had_speech or open_segment:
+                self.stats.interruptions += 1
+                self._interrupted = True
+
+    def _apply_cut(self) -> None:
+        """The tick thread's half of ``clear()``: silence the pipeline and the stream."""
+        with self._lock:
+            if not self._cut_pending:
+                return
+            self._cut_pending = False
             for c in self._pipeline:
                 c.audio[:] = 0.0
                 c.speaking = False
                 c.arrival = None
                 c.segment_end = False
-            self.stream.silence_from(self.stream.next_frame * tb.SAMPLES_PER_FRAME)
-            if had_speech or open_segment:
-                self.stats.interruptions += 1
-                self._interrupted = True
+        self.stream.silence_from(self.stream.next_frame * tb.SAMPLES_PER_FRAME)
 
     @property
     def queued_seconds(self) -> float:
@@ -204,13 +225,13 @@ class LiveAvatar:
     def buffered_seconds(self) -> float:
         """Pushed audio not yet played: the queue plus the speech in the pipeline."""
         with self._lock:
-            inflight = sum(c.audio.shape[0] for c in self._pipeline if c.speaking)
+            inflight = 0 if self._cut_pending else sum(c.audio.shape[0] for c in self._pipeline if c.speaking)
             return (self._queued + inflight) / self.audio_rate
 
     @property
     def speaking(self) -> bool:
         with self._lock:
-            return self._queued > 0 or any(c.speaking for c in self._pipeline)
+            return self._queued > 0 or (not self._cut_pending and any(c.speaking for c in self._pipeline))
 
     @property
     def size(self) -> tuple[int, int]:
@@ -224,16 +245,22 @@ class LiveAvatar:
         if x.shape[1] != self.channels:
             mono = x.mean(axis=1, keepdims=True)
             x = np.repeat(mono, self.channels, axis=1)
+        if self._resamplers and rate not in self._resamplers:
+            self._flush_resamplers()  # the rate changed: the old signal ends here
         if rate == self.audio_rate:
             return np.ascontiguousarray(x)
-        cols = []
-        for c in range(self.channels):
-            rs = self._resamplers.get((rate, c))
-            if rs is None:
-                rs = self._resamplers[(rate, c)] = StreamResampler(rate, self.audio_rate)
-            cols.append(rs.process(x[:, c]))
-        n = min(col.size for col in cols)
-        return np.stack([col[:n] for col in cols], axis=1).astype(np.float32)
+        rss = self._resamplers.setdefault(
+            rate, [StreamResampler(rate, self.audio_rate) for _ in range(self.channels)])
+        return np.stack([rs.process(x[:, c]) for c, rs in enumerate(rss)], axis=1)
+
+    def _flush_resamplers(self) -> None:
+        """Queue what the rate converters still hold (lock held) and start them afresh."""
+        for rss in self._resamplers.values():
+            tail = np.stack([rs.flush() for rs in rss], axis=1)
+            if tail.shape[0]:
+                self._queue.append((tail, self.clock()))
+                self._queued += tail.shape[0]
+        self._resamplers.clear()
 
     def _trim_queue(self) -> None:
         while self._queued > self.max_queue_samples and self._queue:
@@ -257,6 +284,11 @@ class LiveAvatar:
         out = np.zeros((n, self.channels), np.float32)
         got, arrival, ended = 0, None, False
         with self._lock:
+            if 0 < self._queued < n and self._held_ticks < 1 and not any(i is _END for i in self._queue):
+                self._held_ticks += 1  # wait one tick for the rest of this one
+                self.stats.underruns += 1
+                return _Chunk(out, None, False)
+            self._held_ticks = 0
             while got < n and self._queue:
                 item = self._queue[0]
                 if item is _END:
@@ -276,8 +308,6 @@ class LiveAvatar:
             if not ended and self._queue and self._queue[0] is _END:
                 self._queue.popleft()
                 ended = True
-            if got < n and not ended and self._in_segment and got:
-                self.stats.underruns += 1
             chunk = _Chunk(out, arrival, got > 0, segment_end=ended)
             if ended and not got and self._pipeline:
                 # The segment's last sample is already in the pipeline: mark that tick.
@@ -288,10 +318,12 @@ class LiveAvatar:
         return chunk
 
     def _append(self, chunk: _Chunk) -> None:
-        self._pipeline.append(chunk)
+        with self._lock:
+            self._pipeline.append(chunk)
         self.stream.accept_waveform(chunk.audio.mean(axis=1), self.audio_rate)
 
     def _advance(self) -> None:
+        self._apply_cut()
         self._append(self._take_tick())
 
     def _emit(self, image: np.ndarray | None) -> LiveFrame:
@@ -311,7 +343,8 @@ class LiveAvatar:
         if chunk.speaking:
             st.speaking_frames += 1
             st.latencies.append(latency)
-        pcm = np.clip(np.round(chunk.audio * 32767.0), -32768, 32767).astype(np.int16)
+        # The inverse of push_audio's x / 32768: int16 audio comes back bit for bit.
+        pcm = np.clip(np.round(chunk.audio * 32768.0), -32768, 32767).astype(np.int16)
         frame = LiveFrame(index=self._index, image=image, audio=pcm, audio_rate=self.audio_rate,
                           speaking=chunk.speaking, latency_s=latency,
                           segment_end=chunk.segment_end or interrupted, interrupted=interrupted)
