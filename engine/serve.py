@@ -159,7 +159,7 @@ def _track_classes():
 
         def __init__(self) -> None:
             super().__init__()
-            self._init_queue(8)
+            self._init_queue(16)
 
         async def recv(self):
             item = await self.queue.get()
@@ -196,7 +196,12 @@ class Session:
     def deliver(self, frame: LiveFrame) -> None:
         """One tick's output to the tracks (the picture only when it was rendered)."""
         if self.audio is not None:
-            self.audio.offer((frame.audio, frame.pts))
+            # 20 ms frames: aiortc packs one audio frame into Opus packets that share one RTP
+            # timestamp, and a receiver joins packets with one timestamp into one, so a 40 ms
+            # frame would lose half of its sound.
+            n = AUDIO_RATE // 50
+            for k in range(0, frame.audio.shape[0], n):
+                self.audio.offer((frame.audio[k : k + n], frame.pts + k))
         if frame.image is None:
             self.dropped += 1
             self.server.metrics.dropped += 1

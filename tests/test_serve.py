@@ -245,6 +245,8 @@ def test_two_webrtc_sessions_get_their_own_faces(engine, photos):
     for i, (frames, audio_samples) in enumerate(results):
         assert len(frames) > 40, f"session {i}: {len(frames)} frames in 4 s"
         assert audio_samples > 48_000, f"session {i}: {audio_samples} audio samples"
+        # Sound for the whole picture, not half of it (48 kHz, 25 fps).
+        assert audio_samples / 48_000 > 0.8 * len(frames) / 25, (i, audio_samples, len(frames))
         last = frames[-1].astype(np.float32)
         assert last.shape == refs[i].shape
         own, other = np.abs(last - refs[i]).mean(), np.abs(last - refs[1 - i]).mean()
@@ -312,6 +314,8 @@ def test_browser_page_plays_the_avatar(serve_process, tmp_path):
             browser.close()
     assert stats["videoFrames"] >= 40, stats
     assert stats["audioSamples"] >= 48_000, stats
+    assert stats["audioSamples"] / 48_000 > 0.7 * stats["videoFrames"] / 25, stats
+    assert stats["audioConcealed"] < 0.2 * stats["audioSamples"], stats  # real sound, not filler
     assert stats["server"]["connected"] and stats["server"]["mic_seconds"] > 1.0, stats
     # The page shows the face: the video area of the screenshot is not black.
     img = cv2.imread(str(shot))
