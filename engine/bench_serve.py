@@ -150,18 +150,21 @@ def run(counts: list[int], seconds: float, extra: list[str]) -> list[dict]:
 
 def report(rows: list[dict], out: Path) -> None:
     print(f"{'sessions':>8}{'dropped':>9}{'sent fps':>10}{'recv fps':>10}{'latency p50':>13}{'tick p50<=':>12}"
-          f"{'tick p99<=':>12}")
+          f"{'tick p99<=':>12}{'sound/video':>13}")
     for r in rows:
         dropped = sum(s["frames_dropped"] for s in r["server"])
         sent = sum(s["frames_sent"] for s in r["server"])
         fps = min(s["fps"] for s in r["server"])
         recv = min(p["received_fps"] for p in r["peers"])
+        # Seconds of sound received per second of video: 1.0 when every frame had its sound.
+        cover = min(p["audio_seconds"] / max(p["video_frames"] / 25, 1e-6) for p in r["peers"])
+        r["sound_per_video_s"] = cover
         lat = [s["latency_ms_p50"] for s in r["server"] if s["latency_ms_p50"] is not None]
         r["dropped_total"], r["sent_total"] = dropped, sent
         def ms(v):
             return f"{v:.0f} ms" if v else "-"
 
         print(f"{r['sessions']:>8}{dropped:>9}{fps:>10.1f}{recv:>10.1f}{ms(max(lat) if lat else None):>13}"
-              f"{ms(r['tick_ms_p50_le']):>12}{ms(r['tick_ms_p99_le']):>12}")
+              f"{ms(r['tick_ms_p50_le']):>12}{ms(r['tick_ms_p99_le']):>12}{cover:>13.2f}")
     out.write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=2))
     print(f"wrote {out}")
