@@ -34,18 +34,20 @@ $(STAMP): pyproject.toml constraints.txt | apt
 	PYTHONWARNINGS="ignore::UserWarning" $(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-# The shipped starter weights (pkg/starter/onnx) on the bundled photo and espeak-ng speech.
+# The shipped starter weights (src/avatar_stream/starter/onnx) on the bundled photo and espeak-ng speech.
 demo: apt $(STAMP)
-	$(PY) -m avatar_stream.engine.cli --face pkg/assets/face.jpg --audio pkg/assets/speech.wav --out demo.mp4
+	$(PY) -m avatar_stream.engine.cli --face src/avatar_stream/assets/face.jpg --audio src/avatar_stream/assets/speech.wav --out demo.mp4
 
+# The suite, then the linter: CI runs `make test` alone, so ruff runs there too.
 test: apt $(STAMP)
 	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check src tests demos scripts
 
 test-all: apt $(STAMP)
 	$(PY) -m pytest -q -m "" --timeout 7200
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine export training integrations tests demos pkg
+	$(VENV)/bin/ruff check src tests demos scripts
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from avatar_stream import DEMO_FACE, DEMO_SPEECH
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import load_audio
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     _write_rgb(args.out / "pasted.png", paste_back(photo, tinted, aligned.matrix))
 
     import torch
+
     from avatar_stream.training.mfcc import MFCC
 
     audio = load_audio(args.audio)

@@ -27,10 +27,11 @@ import asyncio
 import logging
 import os
 
+from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, cli
+
 from avatar_stream import DEMO_FACE
 from avatar_stream.engine.stream import Engine
 from avatar_stream.integrations.livekit import AvatarVideoGenerator, LocalAvatar, RemoteAvatar, avatar_server
-from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, cli
 
 logger = logging.getLogger("avatar-agent")
 

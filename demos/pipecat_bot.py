@@ -23,12 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from avatar_stream import DEMO_FACE, DEMO_SPEECH
-from avatar_stream.engine import timebase as tb
-from avatar_stream.engine.audio import load_audio
-from avatar_stream.engine.sinks import Mp4Sink
-from avatar_stream.engine.stream import Engine
-from avatar_stream.integrations.pipecat import AvatarStreamVideoService
 from pipecat.frames.frames import (
     EndFrame,
     Frame,
@@ -42,6 +36,13 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
+
+from avatar_stream import DEMO_FACE, DEMO_SPEECH
+from avatar_stream.engine import timebase as tb
+from avatar_stream.engine.audio import load_audio
+from avatar_stream.engine.sinks import Mp4Sink
+from avatar_stream.engine.stream import Engine
+from avatar_stream.integrations.pipecat import AvatarStreamVideoService
 
 VIDEO_SIZE = (512, 512)  # the avatar's output, and the transport's video size
 

@@ -1,12 +1,12 @@
 """Assemble the shipped starter checkpoint from the stage runs (no training, no pickles).
 
     .venv/bin/python scripts/assemble_starter.py --train runs/full/best.safetensors \
-        --au-classifier runs/clf/best.safetensors --out pkg/starter/starter
+        --au-classifier runs/clf/best.safetensors --out src/avatar_stream/starter/starter
 
 Writes ``OUT.safetensors`` + ``OUT.json`` (training/checkpoint.py format) holding module
 ``generator`` (Audio2AU inside it) from ``--train`` and ``au_classifier`` from
 ``--au-classifier`` (or the train run's own, when it trained with L_au), without optimizer
-state or RNG rows. ``--train`` may be an assembled starter (``pkg/starter/starter.safetensors``):
+state or RNG rows. ``--train`` may be an assembled starter (``src/avatar_stream/starter/starter.safetensors``):
 its generator, and the record of where that came from, are kept. Both must have the same
 architecture (loss weights may differ); the file carries the train run's config. ``extra``
 records where each came from and the stage extras, so the model card can be checked against

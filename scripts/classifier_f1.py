@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.checkpoint import CheckpointError
 from avatar_stream.training.data import AUFrameDataset, ShardError, _to_chw, load_clip, load_frames

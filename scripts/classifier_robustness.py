@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
 from avatar_stream.training.checkpoint import CheckpointError
 from avatar_stream.training.data import AUFrameDataset, ShardError, _to_chw, load_clip, load_frames
 from avatar_stream.training.evaluate import load_au_classifier

@@ -16,7 +16,7 @@ Both models are scored on the same corpus test split and the same real clips
 generated frames are also judged by the candidate's classifier, so that generated-frame AU
 F1 compares the generators under one judge. Exit status 0: the candidate beats the shipped weights
 (``scorecard.beats``: no figure regresses past its tolerance and at least one improves by
-its margin) and may replace pkg/starter; 1: it does not (the reasons are
+its margin) and may replace src/avatar_stream/starter; 1: it does not (the reasons are
 printed); 2: bad input. ``--no-shipped`` scores the candidate alone (exit 0). Commit new starter weights only on exit status 0.
 """
 

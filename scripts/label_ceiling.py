@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.au_table import occurrence
 from avatar_stream.training.data import ShardError, load_clip, split_entries

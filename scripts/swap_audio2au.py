@@ -1,6 +1,6 @@
 """Put a separately pretrained Audio2AU into a trained generator, without retraining it.
 
-    .venv/bin/python scripts/swap_audio2au.py --generator pkg/starter/starter.safetensors \
+    .venv/bin/python scripts/swap_audio2au.py --generator src/avatar_stream/starter/starter.safetensors \
         --audio2au runs/au15/last.safetensors --data data/synth3 --out runs/swap/starter
 
 The generator's fusion (TCSAN) reads the five Audio2AU modules' features (``au_dim`` each).
@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from avatar_stream.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from avatar_stream.training.data import MFCCCache, split_entries
 from avatar_stream.training.models import TalkingHead
-from torch import nn
 
 
 def sample_windows(data: Path, n: int, seed: int) -> np.ndarray:

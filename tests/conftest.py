@@ -89,6 +89,7 @@ def tiny_export(tmp_path_factory):
     from types import SimpleNamespace
 
     import torch
+
     from avatar_stream.export.cli import main
     from avatar_stream.export.measure import trained_like
     from avatar_stream.training.checkpoint import build_model_from_checkpoint, save_checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.alive import BLINK_SHAPE, IdleMotion
 from avatar_stream.engine.image_io import is_grayscale, to_gray_rgb

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from avatar_stream.training.checkpoint import load_checkpoint, save_checkpoint
 from avatar_stream.training.config import ModelConfig
 from avatar_stream.training.models import AUClassifier, TalkingHead

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from avatar_stream.engine.timebase import AU_NAMES, SAMPLES_PER_FRAME, num_frames
 from avatar_stream.training import au_table as at
 from avatar_stream.training import speech

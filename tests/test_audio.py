@@ -11,6 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from scipy.signal import resample_poly
+
 from avatar_stream.engine.audio import (
     AudioError,
     StreamResampler,
@@ -20,7 +22,6 @@ from avatar_stream.engine.audio import (
     resample,
 )
 from avatar_stream.engine.timebase import SAMPLE_RATE, SAMPLES_PER_FRAME
-from scipy.signal import resample_poly
 
 CHUNKS = (1, 7, 160, 333, 4096)
 

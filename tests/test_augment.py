@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.augment import SpeechAugment, augment_speech
 from avatar_stream.training.data import AudioAUDataset, ClipDataset, write_clip, write_split

@@ -15,6 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+
 from avatar_stream import DEMO_FACE, DEMO_SPEECH
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.cli import main

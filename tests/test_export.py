@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from avatar_stream import ASSETS
 from avatar_stream.engine import timebase
 from avatar_stream.engine.audio import load_audio

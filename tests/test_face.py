@@ -13,6 +13,8 @@ import time
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
+
 from avatar_stream.engine.face import (
     ALIGN_POINTS,
     CANONICAL_LANDMARKS_112,
@@ -31,7 +33,6 @@ from avatar_stream.engine.face import (
     read_image,
     similarity_transform,
 )
-from PIL import Image
 
 ALIGN = list(ALIGN_POINTS)
 

@@ -8,6 +8,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.framing import MAX_SIDE, find_face_box, plan
 

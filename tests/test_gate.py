@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from avatar_stream import DEMO_FACE, DEMO_SPEECH
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import load_audio

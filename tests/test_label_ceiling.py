@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from avatar_stream.training.au_table import OCCURRENCE_THRESHOLDS
 
 

@@ -27,10 +27,6 @@ import pytest
 
 pytest.importorskip("livekit.agents", reason="needs the [livekit] extra")
 
-from avatar_stream import DEMO_FACE, DEMO_SPEECH  # noqa: E402
-from avatar_stream.engine.audio import load_audio  # noqa: E402
-from avatar_stream.engine.image_io import read_image  # noqa: E402
-from avatar_stream.engine.stream import Engine  # noqa: E402
 from livekit import rtc  # noqa: E402
 from livekit.agents import Agent, AgentServer, AgentSession, JobRequest  # noqa: E402
 from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF  # noqa: E402
@@ -42,6 +38,11 @@ from livekit.agents.voice.avatar import (  # noqa: E402
     VideoGenerator,
 )
 from livekit.protocol import agent as agent_proto  # noqa: E402
+
+from avatar_stream import DEMO_FACE, DEMO_SPEECH  # noqa: E402
+from avatar_stream.engine.audio import load_audio  # noqa: E402
+from avatar_stream.engine.image_io import read_image  # noqa: E402
+from avatar_stream.engine.stream import Engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TICK = 1 / 25

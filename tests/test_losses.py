@@ -7,6 +7,8 @@ import logging
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from avatar_stream.training.config import ModelConfig
 from avatar_stream.training.losses import (
     VGG19_FILE,
@@ -23,7 +25,6 @@ from avatar_stream.training.losses import (
     weighted_bce,
     weighted_dice,
 )
-from safetensors.torch import save_file
 
 LOGITS = np.array([[2.0, -1.0, 0.5], [-0.5, 1.5, -2.0], [0.0, 3.0, 1.0], [1.0, -3.0, -0.2]])
 LABELS = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=np.float64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from skimage.metrics import structural_similarity
+
 from avatar_stream.training.metrics import (
     au_scores,
     cosine_similarity,
@@ -13,7 +15,6 @@ from avatar_stream.training.metrics import (
     read_openface_csv,
     ssim,
 )
-from skimage.metrics import structural_similarity
 
 
 def test_psnr_known_values():

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+
 from avatar_stream.engine.audio import load_audio
 from avatar_stream.engine.timebase import (
     MFCC_HOP,

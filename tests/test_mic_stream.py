@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
+
 from avatar_stream import DEMO_FACE
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import load_audio

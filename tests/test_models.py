@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from avatar_stream.training.checkpoint import (
     CheckpointError,
     build_model_from_checkpoint,
@@ -21,7 +23,6 @@ from avatar_stream.training.config import ModelConfig
 from avatar_stream.training.losses import TotalLoss
 from avatar_stream.training.models import AUClassifier, TalkingHead, parameter_counts
 from avatar_stream.training.modules import Audio2AU, AudioEncoder, IdentityEncoder, ImageDecoder, build_fusion
-from safetensors.torch import save_file
 
 VARIANTS = [("tcsan", "feature_tokens"), ("tcsan", "time"), ("tcn", "feature_tokens"),
             ("mhatt_tcn", "feature_tokens"), ("coatt_tcn", "feature_tokens"), ("gru", "feature_tokens")]

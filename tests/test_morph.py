@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from avatar_stream.engine.face import FaceAligner
 from avatar_stream.engine.warp import FaceWarper, face_frame
 from avatar_stream.engine.warp_mesh import N_BORDER_ANCHORS

@@ -8,6 +8,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.face import FaceAligner
 from avatar_stream.engine.sinks import Mp4Sink

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.card import ModelCardError, load_model_dir
 from avatar_stream.engine.mouth import MEASURES, mouth_measures

@@ -18,11 +18,6 @@ import pytest
 
 pytest.importorskip("pipecat", reason="needs the [pipecat] extra")
 
-from avatar_stream import DEMO_FACE, DEMO_SPEECH  # noqa: E402
-from avatar_stream.engine import timebase as tb  # noqa: E402
-from avatar_stream.engine.audio import load_audio, resample  # noqa: E402
-from avatar_stream.engine.image_io import read_image  # noqa: E402
-from avatar_stream.engine.stream import Engine  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -46,6 +41,12 @@ from pipecat.processors.frame_processor import FrameDirection  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 from pipecat.transports.base_output import BaseOutputTransport  # noqa: E402
 from pipecat.transports.base_transport import TransportParams  # noqa: E402
+
+from avatar_stream import DEMO_FACE, DEMO_SPEECH  # noqa: E402
+from avatar_stream.engine import timebase as tb  # noqa: E402
+from avatar_stream.engine.audio import load_audio, resample  # noqa: E402
+from avatar_stream.engine.image_io import read_image  # noqa: E402
+from avatar_stream.engine.stream import Engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

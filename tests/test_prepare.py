@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
+
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.cli import main
 from avatar_stream.training.data import (
@@ -178,6 +179,7 @@ def test_full_jitter_moves_the_reference_alone_by_at_most_the_reference_shift():
     with probability 0.3 each, touch the frames only). The random stream does not depend on the
     shift: the frames come out the same for any shift."""
     import cv2
+
     from avatar_stream.training.data import _image_jitter_full
 
     rng = np.random.default_rng(0)

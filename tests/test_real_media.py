@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+
 from avatar_stream.training import avreal
 from avatar_stream.training.real_eval import (
     RealEvalOptions,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from avatar_stream.engine import runners
 from avatar_stream.engine.card import (
     CARD_KEY,
@@ -110,6 +111,7 @@ def test_load_model_never_runs_another_backend_than_asked(tiny_model_dir, monkey
     the CPU); ``auto`` goes on to the next backend whose sessions start. The frame graph is
     on the CPU unless ``frame_backend="same"``."""
     import onnxruntime as ort
+
     from avatar_stream.engine import model as model_mod
 
     with pytest.raises(model_mod.BackendError, match="unknown frame backend 'gpu'"):

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import save_checkpoint
 from avatar_stream.training.config import ModelConfig

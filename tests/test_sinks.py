@@ -17,6 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+
 from avatar_stream.engine.audio import load_audio, resample
 from avatar_stream.engine.sinks import (
     AudioOutSink,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from avatar_stream import DEMO_SPEECH
 from avatar_stream.engine.audio import AudioError, StreamResampler, load_audio, read_pcm16, resample
 from avatar_stream.engine.sources import (

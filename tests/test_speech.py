@@ -13,6 +13,7 @@ import wave
 
 import numpy as np
 import pytest
+
 from avatar_stream.engine.audio import load_audio, resample
 from avatar_stream.engine.timebase import SAMPLE_RATE, SAMPLES_PER_FRAME, num_frames
 from avatar_stream.training import align, au_table, speech

@@ -14,6 +14,7 @@ import cv2
 import dlib
 import numpy as np
 import pytest
+
 from avatar_stream.engine.face import default_predictor_path, warp_to_crop
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training import synth

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+
 from avatar_stream.export.torch_latency import main
 
 

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import load_checkpoint, save_checkpoint
 from avatar_stream.training.cli import main

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+
 from avatar_stream.engine.face import FaceAligner, read_image, warp_to_crop
 from avatar_stream.engine.warp import (
     JAW_DROP,

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from avatar_stream.training.config import ModelConfig
 from avatar_stream.training.models import AUClassifier
 from avatar_stream.training.widen import widen_classifier
