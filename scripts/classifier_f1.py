@@ -1,5 +1,5 @@
 """Held-out F1 of AU classifiers, per AU and per identity, with a paired bootstrap of their
-differences (MODEL_CARD.md, seventh round onwards).
+differences (docs/experiments.md, seventh round onwards).
 
     .venv/bin/python scripts/classifier_f1.py --data data/synth3 \
         --checkpoint runs/clf21/last.safetensors runs/clf22/last.safetensors [--json out.json]
@@ -28,7 +28,7 @@ import torch
 
 from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.checkpoint import CheckpointError
-from avatar_stream.training.data import AUFrameDataset, ShardError, _to_chw, load_clip, load_frames
+from avatar_stream.training.data import AUFrameDataset, ShardError, load_clip, load_frames, to_chw
 from avatar_stream.training.evaluate import load_au_classifier
 from avatar_stream.training.metrics import au_counts, au_scores, f1_from_counts
 
@@ -44,8 +44,8 @@ def logits_by_clip(clf, ds: AUFrameDataset, clips: list[int]):
         for ci in clips:
             entry = ds.entries[ci]
             idx = np.arange(entry["frames"])
-            frames = _to_chw(load_frames(ds.root, entry, idx))
-            ident = _to_chw(load_clip(ds.root, entry, ("identity",))["identity"])[None]
+            frames = to_chw(load_frames(ds.root, entry, idx))
+            ident = to_chw(load_clip(ds.root, entry, ("identity",))["identity"])[None]
             logits = np.concatenate([clf(clf.inputs(frames[k : k + 256], ident)).numpy()
                                      for k in range(0, len(idx), 256)])
             y, v = ds.labels(ci, idx)

@@ -1,4 +1,4 @@
-"""Does an AU classifier judge expressions, or pixel alignment? (MODEL_CARD.md, "Fourth round")
+"""Does an AU classifier judge expressions, or pixel alignment? (docs/experiments.md, "Fourth round")
 
     .venv/bin/python scripts/classifier_robustness.py --data data/synth3 \
         --checkpoint runs/clf8/last.safetensors runs/clf11/last.safetensors [--items 150]
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from avatar_stream.training.checkpoint import CheckpointError
-from avatar_stream.training.data import AUFrameDataset, ShardError, _to_chw, load_clip, load_frames
+from avatar_stream.training.data import AUFrameDataset, ShardError, load_clip, load_frames, to_chw
 from avatar_stream.training.evaluate import load_au_classifier
 from avatar_stream.training.metrics import au_scores
 from avatar_stream.training.models import AUClassifier
@@ -49,11 +49,11 @@ def inputs(clf: AUClassifier, ds: AUFrameDataset, item: int, perturb):
     """``clf``'s input (``AUClassifier.inputs``) for one dataset item's frames and identity
     image under ``perturb``, and the item's (labels, valid)."""
     ci, j = ds.items[item]
-    idx = ds._frames(ci, j)
+    idx = ds.frame_indices(ci, j)
     frames = load_frames(ds.root, ds.entries[ci], idx).astype(np.float32)
     ident = load_clip(ds.root, ds.entries[ci], ("identity",))["identity"].astype(np.float32)
     frames, ident = perturb(frames, ident)
-    chw = lambda a: _to_chw(np.clip(a, 0, 255))  # noqa: E731
+    chw = lambda a: to_chw(np.clip(a, 0, 255))  # noqa: E731
     return clf.inputs(chw(frames), chw(ident)[None]), ds.labels(ci, idx)
 
 

@@ -7,13 +7,13 @@ from avatar_stream.engine.bench import main
 
 def test_bench_writes_table_and_json(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--model", str(tiny_model_dir), "--backend", "cpu", "--frame-backend", "same", "--batch", "1,2",
+    assert main(["--model", str(tiny_model_dir), "--backend", "cpu", "--audio-backend", "same", "--batch", "1,2",
                  "--repeat", "2", "--seconds", "1", "--streams", "2", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert {(r["graph"], r["batch"]) for r in res["graphs"]} == {
-        (g, b) for g in ("identity", "frame", "tcsan_decoder") for b in (1, 2)}
+        (g, b) for g in ("identity", "audio", "tcsan_decoder") for b in (1, 2)}
     assert res["stream"]["frames"] == 25 and res["backend"] == "cpu"
-    assert res["frame_providers"] == ["CPUExecutionProvider"]
+    assert res["audio_providers"] == ["CPUExecutionProvider"]
     assert res["many_streams"]["frames"] == 50
     assert "tcsan_decoder" in capsys.readouterr().out
 

@@ -12,7 +12,7 @@ import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import save_checkpoint
 from avatar_stream.training.config import ModelConfig
-from avatar_stream.training.data import _to_chw, load_clip, read_index, write_clip, write_split
+from avatar_stream.training.data import load_clip, read_index, to_chw, write_clip, write_split
 from avatar_stream.training.metrics import au_scores
 from avatar_stream.training.models import AUClassifier
 
@@ -53,9 +53,9 @@ def test_scores_every_frame_once_and_bootstraps_the_difference(tmp_path, capsys,
         logits = {name: [] for name in "ab"}
         for e in entries:
             arr = load_clip(root, e, ("frames", "identity"))
-            x = _to_chw(arr["frames"])
+            x = to_chw(arr["frames"])
             for name, clf in (("a", a), ("b", b)):
-                logits[name].append(clf(clf.inputs(x, _to_chw(arr["identity"])[None])).numpy())
+                logits[name].append(clf(clf.inputs(x, to_chw(arr["identity"])[None])).numpy())
     labels = np.concatenate([load_clip(root, e, ("au_label",))["au_label"] for e in entries])
     for name in "ab":
         want = au_scores(torch.sigmoid(torch.from_numpy(np.concatenate(logits[name]))).numpy(), labels)

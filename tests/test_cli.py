@@ -151,13 +151,13 @@ def test_error_foreign_model(capsys, tiny_model_dir, tmp_path):
 
     foreign = tmp_path / "foreign"
     shutil.copytree(tiny_model_dir, foreign)
-    m = onnx.load(str(foreign / "frame.onnx"))
+    m = onnx.load(str(foreign / "audio.onnx"))
     for p in m.metadata_props:
         if p.key == "avatar_stream.card":
             card = json.loads(p.value)
             card["sample_rate"] = 22050
             p.value = json.dumps(card)
-    onnx.save(m, str(foreign / "frame.onnx"))
+    onnx.save(m, str(foreign / "audio.onnx"))
     code, err = run_cli(capsys, "--out", tmp_path / "x.mp4", "--model", foreign)
     line = error_line(err)
     assert code == 2 and "sample_rate" in line and "22050" in line

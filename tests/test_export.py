@@ -36,7 +36,7 @@ def test_cli_prints_parity_table_and_writes_directory(tiny_export):
         for name in outputs:
             assert f"{graph:<14} {name:<8} fp32" in out
     assert sorted(p.name for p in tiny_export.out.iterdir()) == [
-        "frame.onnx", "identity.onnx", "manifest.json", "tcsan_decoder.onnx"]
+        "audio.onnx", "identity.onnx", "manifest.json", "tcsan_decoder.onnx"]
 
 
 def test_cards_describe_the_model(tiny_export):
@@ -60,8 +60,8 @@ def test_cards_describe_the_model(tiny_export):
         assert manifest["graphs"][graph]["parity"] == dict(card.parity)
         assert card.checkpoint_sha256 == manifest["checkpoint_sha256"]
     d = cfg.frame_feature_dim
-    assert cards["frame"].inputs == {"pcm": ("B", timebase.WINDOW_SAMPLES)}
-    assert cards["frame"].outputs == {"feat": ("B", d), "au_prob": ("B", 5)}
+    assert cards["audio"].inputs == {"pcm": ("B", timebase.WINDOW_SAMPLES)}
+    assert cards["audio"].outputs == {"feat": ("B", d), "au_prob": ("B", 5)}
     assert cards["tcsan_decoder"].inputs["feats"] == ("B", 15, d)
     assert cards["tcsan_decoder"].outputs == {"frame": ("B", 3, 112, 112)}
     assert cards["identity"].outputs["f_id"] == ("B", cfg.f_id)
@@ -98,7 +98,7 @@ def test_batch_1_and_4_match_torch(tiny_export, batch):
 
 
 def test_streaming_frame_by_frame_equals_torch_offline(tiny_export):
-    """identity once; frame.onnx per frame on frame_window(audio, k); the decoder on the 2R+1
+    """identity once; audio.onnx per frame on frame_window(audio, k); the decoder on the 2R+1
     features around k, edge frames replicated at both ends — as the streaming engine does —
     against the torch model run offline on the whole utterance."""
     model, out = tiny_export.model, tiny_export.out
@@ -107,7 +107,7 @@ def test_streaming_frame_by_frame_equals_torch_offline(tiny_export):
     face = parity_mod.face_tensor([crop])
     r, t = model.cfg.lookahead_frames, timebase.num_frames(len(audio))
 
-    ident, frame, dec = (OrtRunner(out / GRAPH_FILES[g]) for g in ("identity", "frame", "tcsan_decoder"))
+    ident, audio_graph, dec = (OrtRunner(out / GRAPH_FILES[g]) for g in ("identity", "audio", "tcsan_decoder"))
     id_out = ident.run({"face": face.numpy()})
     feats, frames = [], []
 
@@ -116,7 +116,7 @@ def test_streaming_frame_by_frame_equals_torch_offline(tiny_export):
         frames.append(dec.run({"feats": window, **id_out})["frame"][0])
 
     for j in range(t):  # feature j arrives; frame j - R has all its context now
-        feats.append(frame.run({"pcm": timebase.frame_window(audio, j)[None]})["feat"][0])
+        feats.append(audio_graph.run({"pcm": timebase.frame_window(audio, j)[None]})["feat"][0])
         if j - r >= 0:
             emit(j - r)
     for k in range(max(t - r, 0), t):  # input finished: the last R frames use replicated edges
@@ -162,7 +162,7 @@ def test_parity_inputs_are_real(tiny_export):
     face = inputs["identity"]["face"]
     assert face.shape == (2, 3, 112, 112) and torch.equal(face[1], face[0].flip(-1))
     assert 0.05 < float(face.std()) and 0.0 <= float(face.min()) and float(face.max()) <= 1.0
-    pcm = inputs["frame"]["pcm"]
+    pcm = inputs["audio"]["pcm"]
     assert pcm.shape == (parity_mod.PARITY_FRAMES, timebase.WINDOW_SAMPLES)
     assert float(pcm.abs().max()) > 0.1  # speech, not silence or noise floor
     feats = inputs["tcsan_decoder"]["feats"]
@@ -177,7 +177,7 @@ def test_lower_precision_export(tiny_export, tmp_path, precision):
     report = export_model(model, tmp_path, ExportOptions(precision=precision), checkpoint_sha256="1" * 64)
     cards = load_model_dir(tmp_path)
     want = {"fp16": ("fp16", "fp16", "fp16"), "int8": ("fp32", "int8", "int8")}[precision]
-    assert tuple(cards[g].precision for g in ("identity", "frame", "tcsan_decoder")) == want
+    assert tuple(cards[g].precision for g in ("identity", "audio", "tcsan_decoder")) == want
     for graph, fname in GRAPH_FILES.items():
         m = onnx.load(str(tmp_path / fname))
         onnx.checker.check_model(m, full_check=True)
@@ -186,7 +186,7 @@ def test_lower_precision_export(tiny_export, tmp_path, precision):
         ops = {n.op_type for n in m.graph.node}
         if cards[graph].precision == "int8":
             assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-        if graph == "frame":  # the MFCC front-end stays float32 in every precision
+        if graph == "audio":  # the MFCC front-end stays float32 in every precision
             mfcc = [n for n in m.graph.node if n.name.startswith("/mfcc/")]
             assert len([n for n in mfcc if n.op_type in ("Conv", "Log", "MatMul")]) == 4
             assert len([n for n in mfcc if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast")]) <= 1
@@ -217,13 +217,13 @@ def test_fp16_frame_graph_on_extreme_audio(tiny_export):
     both finite and within the fp16 tolerance of torch."""
     from avatar_stream.export.quantize import to_fp16
 
-    model, spec = tiny_export.model, SPEC_BY_NAME["frame"]
+    model, spec = tiny_export.model, SPEC_BY_NAME["audio"]
     module = spec.wrapper(model).eval()
-    proto = to_fp16(to_onnx(module, spec, example_inputs(model, 2)["frame"]))
+    proto = to_fp16(to_onnx(module, spec, example_inputs(model, 2)["audio"]))
     n = np.arange(timebase.WINDOW_SAMPLES)
     pcm = np.stack([np.sign(np.sin(2 * np.pi * 440 * n / timebase.SAMPLE_RATE)),
                     1e-4 * np.random.default_rng(0).standard_normal(len(n))]).astype(np.float32)
-    res = parity_mod.check_graph(proto, module, "frame", {"pcm": torch.from_numpy(pcm)}, "fp16")
+    res = parity_mod.check_graph(proto, module, "audio", {"pcm": torch.from_numpy(pcm)}, "fp16")
     assert res.passed and all(np.isfinite(e) for e in res.errors.values()), res.errors
 
 
@@ -281,7 +281,7 @@ def test_paper_width_export(tmp_path):
     model = TalkingHead(ModelConfig()).eval()
     report = export_model(model, tmp_path, ExportOptions(), checkpoint_sha256="2" * 64)
     cards = load_model_dir(tmp_path)
-    assert cards["frame"].frame_feature_dim == 832 and all(r.passed for r in report.parity)
+    assert cards["audio"].frame_feature_dim == 832 and all(r.passed for r in report.parity)
 
 
 def _gpu_tools() -> tuple[bool, bool]:

@@ -1,4 +1,4 @@
-"""Losses (DESIGN.md §4): hand-computed values, VGG-19 loading, the weighted total."""
+"""Losses (docs/design.md §4): hand-computed values, VGG-19 loading, the weighted total."""
 
 from __future__ import annotations
 

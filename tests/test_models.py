@@ -1,4 +1,4 @@
-"""Generator, config and checkpoints (DESIGN.md §2, §4): shapes, receptive field, round trips."""
+"""Generator, config and checkpoints (docs/design.md §2, §4): shapes, receptive field, round trips."""
 
 from __future__ import annotations
 

@@ -105,12 +105,12 @@ def model_with_mouth(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("mouth_model") / "model"
     shutil.copytree(tiny_model_dir, d)
     cards = load_model_dir(d)
-    frame = cards["frame"]
+    audio = cards["audio"]
     rng = np.random.default_rng(1)
-    recs = [Recording(f"r{i}", f"s{i}", rng.standard_normal((80, frame.frame_feature_dim)).astype(np.float32),
+    recs = [Recording(f"r{i}", f"s{i}", rng.standard_normal((80, audio.frame_feature_dim)).astype(np.float32),
                       rng.standard_normal((80, 4)) * 0.05) for i in range(3)]
-    head = fit(recs, frame.lookahead_frames, MouthTrainOptions(epochs=2, progress=False), log=None)
-    path = save_mouth_head(d.parent / "head", head, {"frame_checkpoint_sha256": frame.checkpoint_sha256})
+    head = fit(recs, audio.lookahead_frames, MouthTrainOptions(epochs=2, progress=False), log=None)
+    path = save_mouth_head(d.parent / "head", head, {"audio_checkpoint_sha256": audio.checkpoint_sha256})
     export_mouth_head(path, d)
     return d, path
 
@@ -119,7 +119,7 @@ def test_export_writes_a_parity_checked_mouth_graph_with_its_card(model_with_mou
     d, _ = model_with_mouth
     cards = load_model_dir(d)
     card = cards["mouth"]
-    assert card.checkpoint_sha256 == cards["frame"].checkpoint_sha256
+    assert card.checkpoint_sha256 == cards["audio"].checkpoint_sha256
     assert tuple(card.head["measures"]) == MEASURES and card.parity["mouth"] < 1e-4
     assert "mouth" in json.loads((d / "manifest.json").read_text())["graphs"]
     assert card.inputs["feats"] == ("B", 2 * card.lookahead_frames + 1, card.frame_feature_dim)
@@ -130,7 +130,7 @@ def test_a_head_of_another_model_is_refused(model_with_mouth, tmp_path):
 
     d, path = model_with_mouth
     head, _ = load_mouth_head(path)
-    other = save_mouth_head(tmp_path / "other", head, {"frame_checkpoint_sha256": "0" * 64})
+    other = save_mouth_head(tmp_path / "other", head, {"audio_checkpoint_sha256": "0" * 64})
     with pytest.raises(ModelCardError, match="trained on the features of checkpoint 000000000000"):
         export_mouth_head(other, d)
 

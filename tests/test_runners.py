@@ -54,7 +54,7 @@ def test_runners_expose_identical_signatures():
 
 
 def test_ort_runner_cpu(tiny_export):
-    r = OrtRunner(tiny_export.out / "frame.onnx")
+    r = OrtRunner(tiny_export.out / "audio.onnx")
     assert isinstance(r, runners.Runner)
     assert r.providers == ("CPUExecutionProvider",) and r.fallback is None
     assert r.input_names == ("pcm",) and r.output_names == ("feat", "au_prob")
@@ -87,9 +87,9 @@ def test_provider_fallback_is_reported(tiny_export, tmp_path, backend):
 
 def test_make_runner_and_backends(tiny_export):
     assert "cpu" in runners.available_backends()
-    assert isinstance(make_runner(tiny_export.out / "frame.onnx", "cpu"), OrtRunner)
+    assert isinstance(make_runner(tiny_export.out / "audio.onnx", "cpu"), OrtRunner)
     with pytest.raises(RunnerError, match="unknown backend 'gpu'"):
-        make_runner(tiny_export.out / "frame.onnx", "gpu")
+        make_runner(tiny_export.out / "audio.onnx", "gpu")
 
 
 def test_ort_tensorrt_provider_needs_libnvinfer(monkeypatch):
@@ -108,34 +108,34 @@ def test_ort_tensorrt_provider_needs_libnvinfer(monkeypatch):
 
 def test_load_model_never_runs_another_backend_than_asked(tiny_model_dir, monkeypatch, caplog):
     """A backend named by the user must run as asked (onnxruntime would quietly fall back to
-    the CPU); ``auto`` goes on to the next backend whose sessions start. The frame graph is
-    on the CPU unless ``frame_backend="same"``."""
+    the CPU); ``auto`` goes on to the next backend whose sessions start. The audio graph is
+    on the CPU unless ``audio_backend="same"``."""
     import onnxruntime as ort
 
     from avatar_stream.engine import model as model_mod
 
-    with pytest.raises(model_mod.BackendError, match="unknown frame backend 'gpu'"):
-        model_mod.load_model(tiny_model_dir, "cpu", frame_backend="gpu")
+    with pytest.raises(model_mod.BackendError, match="unknown audio backend 'gpu'"):
+        model_mod.load_model(tiny_model_dir, "cpu", audio_backend="gpu")
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA runs here, so there is no fallback to observe")
     monkeypatch.setattr(model_mod, "available_backends", lambda: ("cuda", "cpu"))
     with pytest.raises(model_mod.BackendError, match="identity.onnx: asked for CUDAExecutionProvider"):
-        model_mod.load_model(tiny_model_dir, "cuda", frame_backend="same")
+        model_mod.load_model(tiny_model_dir, "cuda", audio_backend="same")
     with pytest.raises(model_mod.BackendError, match="identity.onnx: asked for CUDAExecutionProvider"):
         model_mod.load_model(tiny_model_dir, "cuda")  # identity and decoder still ask for CUDA
     with caplog.at_level("WARNING", logger="avatar_stream.engine.model"):
         m = model_mod.load_model(tiny_model_dir, "auto")
-    assert m.backend == "cpu" and m.decoder.providers[0] == m.frame.providers[0] == "CPUExecutionProvider"
+    assert m.backend == "cpu" and m.decoder.providers[0] == m.audio.providers[0] == "CPUExecutionProvider"
     assert "backend cuda did not start" in caplog.text and "trying cpu" in caplog.text
 
 
 def test_onnxruntime_session_errors_are_runner_errors(tmp_path, monkeypatch):
     """onnxruntime raises its own Exception types (Fail, EPFail): the runner turns them into
     RunnerError, so ``auto`` can go on to the next backend and the CLI prints one line."""
-    bad = tmp_path / "frame.onnx"
+    bad = tmp_path / "audio.onnx"
     bad.write_bytes(b"not an onnx file")
     monkeypatch.setattr(runners, "read_card", lambda path: None)  # reach the session without a card
-    with pytest.raises(RunnerError, match="frame.onnx: onnxruntime could not start a cpu session"):
+    with pytest.raises(RunnerError, match="audio.onnx: onnxruntime could not start a cpu session"):
         OrtRunner(bad)
 
 
@@ -154,17 +154,17 @@ def test_batches_over_a_runner_limit_are_split(tiny_model_dir):
             n = next(iter(feed.values())).shape[0]
             assert n <= 2
             self.calls.append(n)
-            return m.frame.run(feed)
+            return m.audio.run(feed)
 
     pcm = (0.1 * np.random.default_rng(1).standard_normal((5, 4720))).astype(np.float32)
-    want = m.frame.run({"pcm": pcm})
+    want = m.audio.run({"pcm": pcm})
     got = run_batched(Limited(), {"pcm": pcm})
     assert Limited.calls == [2, 2, 1]
     assert all(np.abs(got[k] - want[k]).max() <= 1e-6 for k in want)
 
 
 def test_frame_graph_beside_a_gpu_gets_few_sleeping_threads(tiny_model_dir, monkeypatch):
-    """With the decoder on a GPU, the CPU frame session gets FRAME_CPU_THREADS threads that
+    """With the decoder on a GPU, the CPU frame session gets AUDIO_CPU_THREADS threads that
     do not spin (measured on an H100: spinning threads slowed the paste-back); on an all-CPU
     backend it keeps onnxruntime's thread count, and its idle threads sleep too. The
     non-spinning session computes the same."""
@@ -180,15 +180,15 @@ def test_frame_graph_beside_a_gpu_gets_few_sleeping_threads(tiny_model_dir, monk
     monkeypatch.setattr(model_mod, "resolve_backend", lambda b: b)
     model_mod.load_model(tiny_model_dir, "cuda")
     assert asked == [("identity", "cuda", {"require": True}),
-                     ("frame", "cpu", {"require": True, "threads": min(model_mod.FRAME_CPU_THREADS, os.cpu_count()),
+                     ("audio", "cpu", {"require": True, "threads": min(model_mod.AUDIO_CPU_THREADS, os.cpu_count()),
                                        "spin": False}),
                      ("tcsan_decoder", "cuda", {"require": True})]
     asked.clear()
     model_mod.load_model(tiny_model_dir, "cpu")
     assert [opts for _, _, opts in asked] == [{"require": True, "spin": False}] * 3
     pcm = (0.1 * np.random.default_rng(0).standard_normal((3, 4720))).astype(np.float32)
-    a = OrtRunner(tiny_model_dir / "frame.onnx").run({"pcm": pcm})
-    b = OrtRunner(tiny_model_dir / "frame.onnx", threads=2, spin=False).run({"pcm": pcm})
+    a = OrtRunner(tiny_model_dir / "audio.onnx").run({"pcm": pcm})
+    b = OrtRunner(tiny_model_dir / "audio.onnx", threads=2, spin=False).run({"pcm": pcm})
     assert all(np.abs(a[k] - b[k]).max() <= 1e-6 for k in a)
 
 
@@ -202,9 +202,9 @@ def test_caches_go_to_the_user_cache_when_the_model_dir_is_read_only(tiny_export
     moved = runners.writable_dir(d / "tensorrt")
     assert moved.parent.parent == tmp_path / "cache" / "avatar-stream" and moved.name == "tensorrt"
     assert moved.parent.name.startswith(d.name + "-") and moved == runners.writable_dir(d / "tensorrt")
-    assert runners.engine_paths(d / "frame.onnx", "fp16")[0] == moved / "frame.fp16.engine"
-    card = runners.read_card(d / "frame.onnx")
-    trt_ep = runners._ort_providers("tensorrt", card, d / "frame.onnx", None, True, 4)[0][1]
+    assert runners.engine_paths(d / "audio.onnx", "fp16")[0] == moved / "audio.fp16.engine"
+    card = runners.read_card(d / "audio.onnx")
+    trt_ep = runners._ort_providers("tensorrt", card, d / "audio.onnx", None, True, 4)[0][1]
     assert Path(trt_ep["trt_engine_cache_path"]).parent == moved.parent / "trt_cache"
 
 
@@ -212,7 +212,7 @@ def test_trt_runner_without_tensorrt_says_what_to_install(tiny_export):
     if _has_trt():
         pytest.skip("TensorRT is installed here")
     with pytest.raises(RunnerError, match="tensorrt and cuda-python"):
-        TrtRunner(tiny_export.out / "frame.onnx")
+        TrtRunner(tiny_export.out / "audio.onnx")
 
 
 def test_trt_cache_key_names_gpu_and_version(monkeypatch):
@@ -225,11 +225,11 @@ def test_trt_cache_key_names_gpu_and_version(monkeypatch):
 
 
 def _card_dict(tiny_export) -> dict:
-    return read_card(tiny_export.out / "frame.onnx").to_dict()
+    return read_card(tiny_export.out / "audio.onnx").to_dict()
 
 
 @pytest.mark.parametrize("key, value", [
-    ("format", "other-card"), ("card_version", 2), ("sample_rate", 22050), ("fps", 30),
+    ("format", "other-card"), ("card_version", 1), ("sample_rate", 22050), ("fps", 30),
     ("window_samples", 4800), ("window_offset", -2000), ("samples_per_frame", 533),
     ("au_order", ["AU10", "AU12", "AU20", "AU25", "AU26"]), ("image_size", 128),
 ])
@@ -237,7 +237,7 @@ def test_card_refuses_what_it_does_not_know(tiny_export, key, value):
     data = _card_dict(tiny_export)
     data[key] = value
     with pytest.raises(ModelCardError) as err:
-        card_from_dict(data, "frame.onnx")
+        card_from_dict(data, "audio.onnx")
     msg = str(err.value)
     assert f"card {key}={value!r}" in msg and "re-export with this version of avatar-export" in msg
     assert "\n" not in msg
@@ -261,7 +261,7 @@ def test_card_consistency_checks(tiny_export):
 
 
 def test_card_is_frozen_and_round_trips(tiny_export):
-    card = read_card(tiny_export.out / "frame.onnx")
+    card = read_card(tiny_export.out / "audio.onnx")
     with pytest.raises(AttributeError):
         card.fps = 30
     with pytest.raises(TypeError):
@@ -275,12 +275,31 @@ def test_load_model_dir_errors(tiny_export, tmp_path):
     d = tmp_path / "partial"
     d.mkdir()
     shutil.copy(tiny_export.out / "identity.onnx", d / "identity.onnx")
-    with pytest.raises(ModelCardError, match=r"frame\.onnx is missing"):
+    with pytest.raises(ModelCardError, match=r"audio\.onnx is missing"):
         load_model_dir(d)
     # a graph file holding another graph's card
-    shutil.copy(tiny_export.out / "identity.onnx", d / "frame.onnx")
+    shutil.copy(tiny_export.out / "identity.onnx", d / "audio.onnx")
     shutil.copy(tiny_export.out / "tcsan_decoder.onnx", d / "tcsan_decoder.onnx")
-    with pytest.raises(ModelCardError, match="carries the card of graph 'identity', not 'frame'"):
+    with pytest.raises(ModelCardError, match="carries the card of graph 'identity', not 'audio'"):
+        load_model_dir(d)
+
+
+def test_an_export_of_card_version_1_says_to_re_export(tiny_export, tmp_path):
+    """Version 1 named the audio graph "frame" (frame.onnx): such a directory, or a graph
+    whose card says version 1, gets one line saying to re-export."""
+    import onnx
+
+    d = tmp_path / "v1"
+    shutil.copytree(tiny_export.out, d)
+    (d / "audio.onnx").rename(d / "frame.onnx")
+    with pytest.raises(ModelCardError, match=r"older avatar-export \(model card version 1.*re-export"):
+        load_model_dir(d)
+    (d / "frame.onnx").rename(d / "audio.onnx")
+    model = onnx.load(str(d / "identity.onnx"))
+    entry = next(p for p in model.metadata_props if p.key == CARD_KEY)
+    entry.value = json.dumps({**json.loads(entry.value), "card_version": 1})
+    onnx.save(model, str(d / "identity.onnx"))
+    with pytest.raises(ModelCardError, match="card_version=1 but this engine expects 2: re-export"):
         load_model_dir(d)
 
 
@@ -289,12 +308,12 @@ def test_load_model_dir_refuses_mixed_exports(tiny_export, tmp_path):
 
     d = tmp_path / "mixed"
     shutil.copytree(tiny_export.out, d)
-    model = onnx.load(str(d / "frame.onnx"))
+    model = onnx.load(str(d / "audio.onnx"))
     entry = next(p for p in model.metadata_props if p.key == CARD_KEY)
     data = json.loads(entry.value)
     data["checkpoint_sha256"] = "f" * 64
     entry.value = json.dumps(data)
-    onnx.save(model, str(d / "frame.onnx"))
+    onnx.save(model, str(d / "audio.onnx"))
     with pytest.raises(ModelCardError, match="graphs disagree on checkpoint_sha256"):
         load_model_dir(d)
     assert set(load_model_dir(tiny_export.out)) == set(GRAPH_FILES)
@@ -318,9 +337,9 @@ def test_sidecar_mismatch_reasons(tmp_path):
 
 
 def test_engine_paths_per_precision(tiny_export):
-    e16, s16 = runners.engine_paths(tiny_export.out / "frame.onnx", "fp16")
-    assert e16 == tiny_export.out / "tensorrt" / "frame.fp16.engine" and s16.name == "frame.fp16.engine.json"
-    assert runners.engine_paths(tiny_export.out / "frame.onnx", "fp32")[0].name == "frame.fp32.engine"
+    e16, s16 = runners.engine_paths(tiny_export.out / "audio.onnx", "fp16")
+    assert e16 == tiny_export.out / "tensorrt" / "audio.fp16.engine" and s16.name == "audio.fp16.engine.json"
+    assert runners.engine_paths(tiny_export.out / "audio.onnx", "fp32")[0].name == "audio.fp32.engine"
 
 
 @pytest.mark.gpu
@@ -330,8 +349,8 @@ def test_trt_runner_matches_onnxruntime_and_rebuilds_on_mismatch(tiny_export, tm
     shutil.copytree(tiny_export.out, d)
     rng = np.random.default_rng(0)
     pcm = (0.1 * rng.standard_normal((4, 4720))).astype(np.float32)
-    ref = OrtRunner(d / "frame.onnx").run({"pcm": pcm})
-    with TrtRunner(d / "frame.onnx", fp16=False, batch_max=4) as trt:
+    ref = OrtRunner(d / "audio.onnx").run({"pcm": pcm})
+    with TrtRunner(d / "audio.onnx", fp16=False, batch_max=4) as trt:
         assert trt.providers[0].startswith("TensorRT")
         for b in (1, 4):
             got = trt.run({"pcm": pcm[:b]})
@@ -343,7 +362,7 @@ def test_trt_runner_matches_onnxruntime_and_rebuilds_on_mismatch(tiny_export, tm
     data["tensorrt_version"] = "0.0.0"
     sidecar.write_text(json.dumps(data))
     before = engine.stat().st_mtime_ns
-    with TrtRunner(d / "frame.onnx", fp16=False, batch_max=4) as trt:  # must rebuild, not load
+    with TrtRunner(d / "audio.onnx", fp16=False, batch_max=4) as trt:  # must rebuild, not load
         trt.run({"pcm": pcm[:1]})
     assert engine.stat().st_mtime_ns != before
     assert json.loads(sidecar.read_text())["tensorrt_version"] == runners.tensorrt_version()

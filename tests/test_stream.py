@@ -267,11 +267,9 @@ def _max_image_diff(a, b) -> int:
 
 def test_step_many_batches_streams_like_single_steps(engine, speech):
     """Three sessions (different faces, different audio offsets) stepped together with one
-    batched frame-graph call, one batched decoder call and the paste-backs on threads give the
+    batched audio-graph call, one batched decoder call and the paste-backs on threads give the
     frames each would give alone, crops and full photos (within one grey level: a batched
     convolution may sum in another order)."""
-    from avatar_stream.engine.stream import step_many
-
     photo = read_image(DEMO_FACE)
     faces = [engine.prepare_face(photo), engine.prepare_face(photo[:, ::-1].copy()),
              engine.prepare_face(photo)]
@@ -283,7 +281,7 @@ def test_step_many_batches_streams_like_single_steps(engine, speech):
         s.accept_waveform(a)
         s.input_finished()
     while any(s.is_ready() for s in streams):
-        for i, fr in enumerate(step_many(streams)):
+        for i, fr in enumerate(engine.step_many(streams)):
             if fr is not None:
                 got[i].append(fr)
     for a, g in zip(alone, got, strict=True):
@@ -291,9 +289,9 @@ def test_step_many_batches_streams_like_single_steps(engine, speech):
     assert _max_image_diff(alone[0], alone[1][: len(alone[0])]) > 10  # the streams do differ
 
 
-def test_step_many_live_batches_the_frame_graph_across_streams(engine, face, speech, monkeypatch):
+def test_step_many_live_batches_the_audio_graph_across_streams(engine, face, speech, monkeypatch):
     """Live use (one frame of audio per stream per round, each stream its own audio): each
-    round's new windows of all streams go through one frame-graph call, and every stream
+    round's new windows of all streams go through one audio-graph call, and every stream
     still gets its own offline frames (a mix-up between streams would show)."""
     from avatar_stream.engine.stream import step_many
 

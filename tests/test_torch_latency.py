@@ -28,7 +28,7 @@ def test_torch_latency_table_and_json(tiny_checkpoint, tmp_path, capsys):
                  "--precision", "fp32", "--repeats", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["graph"], r["batch"]) for r in rows} == {
-        (g, b) for g in ("identity", "frame", "tcsan_decoder") for b in (1, 2)}
+        (g, b) for g in ("identity", "audio", "tcsan_decoder") for b in (1, 2)}
     assert all(r["ms_p50"] > 0 for r in rows)
     assert "tcsan_decoder" in capsys.readouterr().out
 

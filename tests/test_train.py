@@ -208,7 +208,7 @@ def test_soft_labels_follow_the_intensities(tmp_path, astronaut):
         _, y, v = ds[0]
         _, y0, v0 = hard[0]
         assert torch.equal(v, v0)
-        idx = ds._frames(0, 0)
+        idx = ds.frame_indices(0, 0)
         au = load_clip(root, ds.entries[0], ("au",))["au"][idx]
         want = 1.0 / (1.0 + np.exp(-(np.nan_to_num(au) - np.asarray(OCCURRENCE_THRESHOLDS)) / tau))
         known = v.numpy() > 0
@@ -373,7 +373,7 @@ def test_torchrun_two_processes(corpus, tmp_path):
 
 def test_freeze_audio_trains_the_image_side_only(corpus, tmp_path):
     """``train --init CKPT --freeze-audio``: the audio encoder and Audio2AU (weights and
-    batch-norm statistics) come out exactly as CKPT's, so its frame graph and a mouth head
+    batch-norm statistics) come out exactly as CKPT's, so its audio graph and a mouth head
     reading it stay valid; the decoder trains."""
     first, second = tmp_path / "first", tmp_path / "second"
     data = ["--data", str(corpus), "--batch", "2", "--clip-len", "2", "--no-vgg", *MODEL, *FAST]

@@ -1,6 +1,6 @@
 """Audio front-end: decode any media file to 16 kHz mono float32, resample streams, validate.
 
-Everything that enters the project as sound passes through here (DESIGN.md §3: 16 kHz
+Everything that enters the project as sound passes through here (docs/design.md §3: 16 kHz
 mono float32 inside; resample anything else on entry). There is ONE resampler,
 :class:`StreamResampler`, a polyphase Kaiser-windowed-sinc FIR with carried state; file
 decoding uses it too (:func:`resample`), so a file and a microphone delivering the same

@@ -4,7 +4,7 @@
 
 Prints a table and writes JSON:
 - per-graph latency (median and p99 over ``--repeat`` runs after warm-up) at each batch size,
-  i.e. what one call of identity.onnx / frame.onnx / tcsan_decoder.onnx costs;
+  i.e. what one call of identity.onnx / audio.onnx / tcsan_decoder.onnx costs;
 - the streaming step (features + decoder + paste-back at the photo's resolution) measured by
   running the real Stream over ``--seconds`` of the bundled speech, with its real-time factor;
 - peak resident memory of the process.
@@ -26,7 +26,7 @@ import numpy as np
 from avatar_stream import DEMO_FACE, DEMO_SPEECH, __version__
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.framing import FITS
-from avatar_stream.engine.model import FRAME_BACKENDS
+from avatar_stream.engine.model import AUDIO_BACKENDS
 from avatar_stream.engine.stream import RENDERERS
 
 
@@ -55,7 +55,7 @@ def _time(fn, repeat: int, warmup: int = 3) -> tuple[float, float]:
 
 
 def bench_graphs(model, batches: list[int], repeat: int) -> list[dict]:
-    runners = {"identity": model.identity, "frame": model.frame, "tcsan_decoder": model.decoder}
+    runners = {"identity": model.identity, "audio": model.audio, "tcsan_decoder": model.decoder}
     if model.mouth is not None:
         runners["mouth"] = model.mouth
     rows = []
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avatar-bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="exported model dir (default: the starter)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
-    p.add_argument("--frame-backend", default="cpu", choices=FRAME_BACKENDS,
-                   help="where the frame graph runs: cpu (default) or the same as --backend")
+    p.add_argument("--audio-backend", default="cpu", choices=AUDIO_BACKENDS,
+                   help="where the audio graph runs: cpu (default) or the same as --backend")
     p.add_argument("--renderer", default=RENDERERS[0], choices=RENDERERS)
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes for the per-graph table")
     p.add_argument("--repeat", type=int, default=30)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert len(size) == 2 and min(size) > 0
             except (ValueError, AssertionError):
                 raise ValueError(f"--size {args.size!r} is not WIDTHxHEIGHT, e.g. 1280x720") from None
-        engine = Engine(args.model, backend=args.backend, renderer=args.renderer, frame_backend=args.frame_backend)
+        engine = Engine(args.model, backend=args.backend, renderer=args.renderer, audio_backend=args.audio_backend)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"avatar-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -180,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result = {
         "version": __version__, "model": str(engine.model.model_dir), "backend": engine.backend,
-        "providers": list(engine.model.providers), "frame_providers": list(engine.model.frame.providers),
+        "providers": list(engine.model.providers), "audio_providers": list(engine.model.audio.providers),
         "precision": engine.model.card.precision,
         "renderer": args.renderer, "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "latency_ms_algorithmic": engine.latency.ms,
         "graphs": graphs, "stream": stream, "many_streams": many, "peak_rss_mb": peak_mb,
     }
-    print(f"model {result['model']}  backend {result['backend']} (frame graph: "
-          f"{result['frame_providers'][0]})  precision {result['precision']}")
+    print(f"model {result['model']}  backend {result['backend']} (audio graph: "
+          f"{result['audio_providers'][0]})  precision {result['precision']}")
     print(f"{'graph':<15}{'batch':>6}{'p50 ms':>10}{'p99 ms':>10}{'ms/item':>10}")
     for r in graphs:
         print(f"{r['graph']:<15}{r['batch']:>6}{r['ms_p50']:>10.2f}{r['ms_p99']:>10.2f}{r['ms_per_item']:>10.2f}")

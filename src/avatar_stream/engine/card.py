@@ -2,7 +2,7 @@
 
 The card is the JSON string in ``metadata_props["avatar_stream.card"]`` (docs/interfaces.md,
 "Exported model directory"). The engine takes every shape and rate from it and refuses a card
-it does not understand, naming the mismatch (STYLE habit 5): a graph exported for another
+it does not understand, naming the mismatch (docs/design.md §8, habit 5): a graph exported for another
 window, frame rate or AU order would otherwise produce plausible-looking but wrong video.
 
 No torch here: the card is read through onnxruntime, which the engine needs anyway.
@@ -22,7 +22,8 @@ from avatar_stream.errors import AvatarError
 
 CARD_KEY = "avatar_stream.card"
 CARD_FORMAT = "avatar-stream-card"
-CARD_VERSION = 1
+# 2: the audio graph is named "audio" (audio.onnx); version 1 called it "frame" (frame.onnx).
+CARD_VERSION = 2
 IMAGE_SIZE = 112
 PRECISIONS = ("fp32", "fp16", "int8")
 REEXPORT = "re-export with this version of avatar-export"
@@ -31,7 +32,7 @@ REEXPORT = "re-export with this version of avatar-export"
 GRAPH_IO: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
     {
         "identity": (("face",), ("f_id", "skip0", "skip1", "skip2", "skip3")),
-        "frame": (("pcm",), ("feat", "au_prob")),
+        "audio": (("pcm",), ("feat", "au_prob")),
         "tcsan_decoder": (("feats", "f_id", "skip0", "skip1", "skip2", "skip3"), ("frame",)),
         "mouth": (("feats",), ("mouth",)),
     }
@@ -39,7 +40,7 @@ GRAPH_IO: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyTy
 # The graphs every model directory has; ``mouth`` (the mouth head trained on real video,
 # training/mouth_head.py) is optional: without it the warp renderer reads the Audio2AU
 # probabilities instead.
-REQUIRED_GRAPHS = ("identity", "frame", "tcsan_decoder")
+REQUIRED_GRAPHS = ("identity", "audio", "tcsan_decoder")
 OPTIONAL_GRAPHS = ("mouth",)
 GRAPH_FILES: Mapping[str, str] = MappingProxyType({g: f"{g}.onnx" for g in REQUIRED_GRAPHS})
 OPTIONAL_GRAPH_FILES: Mapping[str, str] = MappingProxyType({g: f"{g}.onnx" for g in OPTIONAL_GRAPHS})
@@ -217,13 +218,18 @@ def load_model_dir(path: str | Path) -> dict[str, ModelCard]:
     ``mouth`` where present), keyed by graph name.
 
     Checks that the graphs belong together (same checkpoint, feature size and lookahead):
-    a mouth head carries the checkpoint of the frame graph whose features it was trained on.
+    a mouth head carries the checkpoint of the audio graph whose features it was trained on.
     """
     root = Path(path)
     if not root.is_dir():
         raise ModelCardError(
             f"model directory {root} does not exist: run avatar-export --checkpoint CKPT --out {root}"
         )
+    if (root / "frame.onnx").is_file() and not (root / GRAPH_FILES["audio"]).is_file():
+        raise ModelCardError(
+            f"{root} was exported by an older avatar-export (model card version 1, audio graph in "
+            f"frame.onnx); this engine reads version {CARD_VERSION}: {REEXPORT} "
+            f"(avatar-export --checkpoint CKPT --out {root})")
     cards: dict[str, ModelCard] = {}
     for graph, fname in GRAPH_FILES.items():
         f = root / fname
@@ -253,7 +259,7 @@ def _check_same_model(cards: Mapping[str, ModelCard], root: Path) -> None:
             if "mouth" in values and len(set(v for g, v in values.items() if g != "mouth")) == 1:
                 raise ModelCardError(
                     f"{root}: mouth.onnx was trained on the features of another model ({key} "
-                    f"{values['mouth']} vs {values['frame']}): train it on this model's features "
+                    f"{values['mouth']} vs {values['audio']}): train it on this model's features "
                     f"(avatar-train train-mouth --model {root}) or delete it")
             raise ModelCardError(
                 f"{root}: graphs disagree on {key} ({values}): they come from different exports; "

@@ -21,7 +21,7 @@ from avatar_stream import __version__
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.framing import FITS, MAX_SIDE
 from avatar_stream.engine.gate import DEFAULT_THRESHOLD_DBFS, parse_gate
-from avatar_stream.engine.model import FRAME_BACKENDS
+from avatar_stream.engine.model import AUDIO_BACKENDS
 from avatar_stream.engine.stream import RENDERERS
 from avatar_stream.errors import AvatarError
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-out", default=None, metavar="DEVICE",
                    help="play the input audio on DEVICE delayed by the engine's latency (A/V sync for calls)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
-    p.add_argument("--frame-backend", default="cpu", choices=FRAME_BACKENDS,
+    p.add_argument("--audio-backend", default="cpu", choices=AUDIO_BACKENDS,
                    help="where the audio graph (MFCC + Audio2AU LSTMs) runs: cpu (default; faster than a GPU "
                         "for it, see docs/export.md) or the same as --backend")
     p.add_argument("--model", type=Path, default=None,
@@ -194,14 +194,14 @@ def run(args) -> int:
     face_path = args.face if args.face is not None else DEMO_FACE
     photo = read_image(face_path)
     engine = Engine(args.model, backend=args.backend, renderer=args.renderer, noise_gate_dbfs=gate,
-                    frame_backend=args.frame_backend, alive=not args.still)
+                    audio_backend=args.audio_backend, alive=not args.still)
     card = engine.model.card
     log.info("model: %s (checkpoint %s, %s)", engine.model.model_dir, card.checkpoint_sha256[:12], card.precision)
     how = ("TCSAN decoder" if engine.renderer == "neural" else
            "mouth head learned from real video" if engine.has_mouth_head else "Audio2AU drive: the model has no mouth.onnx")
     log.info("renderer: %s (%s%s)", engine.renderer, how, "" if engine.alive else "; still: no blinks or sway")
-    log.info("backend: %s (providers: %s; frame graph on %s)", engine.backend, ", ".join(engine.model.providers),
-             engine.model.frame.providers[0])
+    log.info("backend: %s (providers: %s; audio graph on %s)", engine.backend, ", ".join(engine.model.providers),
+             engine.model.audio.providers[0])
     log.info("noise gate: %s", f"{gate:g} dBFS (--noise-gate)" if gate is not None else "off")
     log.info("algorithmic latency: %.1f ms from a frame's first audio sample to its earliest display "
              "(frame %.0f ms + MFCC window lookahead %.1f ms + TCSAN lookahead %d frames = %.0f ms)",

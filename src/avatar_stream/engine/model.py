@@ -6,12 +6,12 @@ Backends the user names (``--backend``): ``auto`` (TensorRT > CUDA > CPU), ``cpu
 ``tensorrt`` Python package and a GPU are present, else onnxruntime's TensorRT execution
 provider; it never falls back to another backend silently: a missing TensorRT is an error.
 
-The frame graph (MFCC + audio encoder + five Audio2AU LSTMs) runs on the CPU by default
-whatever the backend (``frame_backend="cpu"``; ``"same"`` puts it on the backend too).
+The audio graph (MFCC + audio encoder + five Audio2AU LSTMs) runs on the CPU by default
+whatever the backend (``audio_backend="cpu"``; ``"same"`` puts it on the backend too).
 Measured on an H100 with onnxruntime-gpu 1.31 (docs/export.md): its ten LSTM nodes cost about
 450 us each under cuDNN, 4.6 ms per call at batch 1 and 5.8 ms at batch 32, against 0.7 ms
 and 3.1 ms on that machine's 16 CPU cores; the decoder is the graph a GPU speeds up. Beside a
-GPU the CPU session uses ``FRAME_CPU_THREADS`` threads.
+GPU the CPU session uses ``AUDIO_CPU_THREADS`` threads.
 
 Every CPU session's idle intra-op threads sleep between calls instead of spinning: spinning
 threads took the cores the paste-back needs. On an H100 host, one stream 190 -> 259 fps and 128
@@ -40,8 +40,8 @@ from avatar_stream.engine.runners import ORT_BACKENDS, Runner, RunnerError, avai
 from avatar_stream.errors import AvatarError
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
-FRAME_BACKENDS = ("cpu", "same")
-FRAME_CPU_THREADS = 4
+AUDIO_BACKENDS = ("cpu", "same")
+AUDIO_CPU_THREADS = 4
 SKIPS = ("skip0", "skip1", "skip2", "skip3")
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class LoadedModel:
     backend: str
     cards: dict[str, ModelCard]
     identity: Runner
-    frame: Runner
+    audio: Runner  # the audio graph: PCM windows -> per-frame features and AU probabilities
     decoder: Runner
     mouth: Runner | None = None  # the mouth head (mouth.onnx) where the directory has one
 
@@ -127,7 +127,7 @@ class LoadedModel:
 
     def frame_features(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """PCM windows (B, WINDOW_SAMPLES) -> (feat (B, D), au_prob (B, 5))."""
-        out = run_batched(self.frame, {"pcm": np.ascontiguousarray(windows, dtype=np.float32)})
+        out = run_batched(self.audio, {"pcm": np.ascontiguousarray(windows, dtype=np.float32)})
         return out["feat"], out["au_prob"]
 
     def decode(self, feats: np.ndarray, f_id: np.ndarray,
@@ -158,15 +158,15 @@ def to_uint8_hwc(img: np.ndarray) -> np.ndarray:
 
 
 def load_model(model_dir: str | Path | None = None, backend: str = "auto",
-               frame_backend: str = "cpu") -> LoadedModel:
+               audio_backend: str = "cpu") -> LoadedModel:
     """Load and validate an exported model directory (default: the shipped starter).
 
     A backend asked for by name must run as asked (onnxruntime may not fall back to a later
     provider); ``auto`` takes the first of ``available_backends()`` whose sessions start."""
-    if frame_backend not in FRAME_BACKENDS:
-        raise BackendError(f"unknown frame backend {frame_backend!r}: use one of {', '.join(FRAME_BACKENDS)}")
+    if audio_backend not in AUDIO_BACKENDS:
+        raise BackendError(f"unknown audio backend {audio_backend!r}: use one of {', '.join(AUDIO_BACKENDS)}")
     root = Path(model_dir) if model_dir is not None else default_model_dir()
-    if model_dir is None and not (root / GRAPH_FILES["frame"]).is_file():
+    if model_dir is None and not (root / GRAPH_FILES["audio"]).is_file():
         raise ModelCardError(
             f"the starter model is missing from this install ({root}): reinstall avatar-stream "
             "or pass --model DIR (an avatar-export output directory)"
@@ -180,12 +180,12 @@ def load_model(model_dir: str | Path | None = None, backend: str = "auto",
         runners: dict[str, Runner] = {}
         try:
             for g, f in GRAPH_FILES.items():
-                b = "cpu" if g == "frame" and frame_backend == "cpu" else runner_backend
+                b = "cpu" if g == "audio" and audio_backend == "cpu" else runner_backend
                 opts: dict = {"require": True} if b in ORT_BACKENDS else {}
                 if b == "cpu":
                     opts.update(spin=False)
                     if runner_backend != "cpu":
-                        opts.update(threads=min(FRAME_CPU_THREADS, os.cpu_count() or 1))
+                        opts.update(threads=min(AUDIO_CPU_THREADS, os.cpu_count() or 1))
                 runners[g] = make_runner(root / f, b, **opts)
         except RunnerError as e:
             for r in runners.values():  # a standalone TensorRT runner holds device memory
@@ -200,6 +200,6 @@ def load_model(model_dir: str | Path | None = None, backend: str = "auto",
         mouth = (make_runner(root / OPTIONAL_GRAPH_FILES["mouth"], "cpu", require=True, threads=1, spin=False)
                  if "mouth" in cards else None)
         return LoadedModel(model_dir=root, backend=runner_backend, cards=cards,
-                           identity=runners["identity"], frame=runners["frame"],
+                           identity=runners["identity"], audio=runners["audio"],
                            decoder=runners["tcsan_decoder"], mouth=mouth)
     raise AssertionError("unreachable: candidates is never empty")

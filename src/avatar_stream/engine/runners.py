@@ -1,7 +1,7 @@
 """One runner interface over onnxruntime (CPU / CUDA / TensorRT EP) and standalone TensorRT.
 
 ``run(inputs: dict[str, ndarray]) -> dict[str, ndarray]`` addresses tensors by their ONNX names,
-identically for every backend (STYLE habit 6; a test compares the signatures). Every runner
+identically for every backend (docs/design.md §8, habit 6; a test compares the signatures). Every runner
 also exposes ``input_names``, ``output_names``, ``providers`` (what actually runs, not what was
 asked for) and ``card`` (the validated model card of its graph).
 

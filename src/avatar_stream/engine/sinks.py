@@ -1,4 +1,4 @@
-"""Frame sinks: mp4 file, virtual webcam, preview window, delayed audio out, fan-out (DESIGN.md §7).
+"""Frame sinks: mp4 file, virtual webcam, preview window, delayed audio out, fan-out (docs/design.md §7).
 
 A sink is a context manager (pyvirtualcam style): ``write(frame, pts_samples)`` takes an
 RGB uint8 ``(H, W, 3)`` frame whose display time is ``pts_samples`` (integer 16 kHz

@@ -1,4 +1,4 @@
-"""Audio sources: microphone, audio file, raw PCM on stdin (DESIGN.md §7).
+"""Audio sources: microphone, audio file, raw PCM on stdin (docs/design.md §7).
 
 Every source is iterable and yields float32 16 kHz mono numpy chunks, in order, of any
 length (the engine accepts any chunking). The common protocol (:class:`AudioSource`):

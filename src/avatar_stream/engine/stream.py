@@ -18,7 +18,7 @@ Frame k needs the per-frame features of frames k-R..k+R (R = the TCSAN lookahead
 model card); feature j needs the PCM window of frame j (``timebase.window_bounds``). So
 frame k is ready once sample ``timebase.last_sample_needed(k, R)`` has arrived, or once the
 input is finished (the window is then zero-padded, as offline). Features of frames before
-0 and after the last frame are edge-replicated, as in training (DESIGN.md §3).
+0 and after the last frame are edge-replicated, as in training (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class FaceContext:
 
 # The first is the default: the warp renderer with the mouth head follows real speech better
 # than the neural generator on the real-media dev speakers and keeps the photo sharp
-# (src/avatar_stream/starter/MODEL_CARD.md, "Real media").
+# (src/avatar_stream/starter/MODEL_CARD.md and docs/experiments.md, "Real media").
 RENDERERS = ("warp", "neural")
 # Renderer ``neural``: where a decoded face is this many grey levels darker than its silent
 # self (blurred over 1.5 px), it gets none of the photo's detail back.
@@ -131,7 +131,7 @@ class Engine:
 
     ``noise_gate_dbfs``: frames whose audio window stays below this level get the features
     of digital silence (engine/gate.py), so room noise does not move the mouth; None = off.
-    ``frame_backend``: where the frame graph runs, ``cpu`` (default) or ``same`` as ``backend``
+    ``audio_backend``: where the audio graph runs, ``cpu`` (default) or ``same`` as ``backend``
     (engine/model.py says why). ``alive``: idle blinks and a slight head sway
     (engine/alive.py); off, the photo only moves its mouth.
 
@@ -141,11 +141,11 @@ class Engine:
 
     def __init__(self, model_dir: str | Path | None = None, backend: str = "auto",
                  renderer: str = RENDERERS[0], face_aligner: FaceAligner | None = None,
-                 noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS, frame_backend: str = "cpu",
+                 noise_gate_dbfs: float | None = DEFAULT_THRESHOLD_DBFS, audio_backend: str = "cpu",
                  alive: bool = True):
         if renderer not in RENDERERS:
             raise ValueError(f"unknown renderer {renderer!r}: use {' or '.join(map(repr, RENDERERS))}")
-        self.model: LoadedModel = load_model(model_dir, backend, frame_backend)
+        self.model: LoadedModel = load_model(model_dir, backend, audio_backend)
         self.renderer = renderer
         self.alive = bool(alive)
         self._silent_mouth: np.ndarray | None = None
@@ -255,9 +255,16 @@ class Engine:
             face = self.prepare_face(face, face_index, output_size, fit)
         return Stream(self, face, output_size=output_size, crop_only=crop_only, seed=seed)
 
+    def step_many(self, streams: list[Stream]) -> list[Frame | None]:
+        """One frame from each ready stream of this engine, the model calls batched (many
+        sessions on one GPU); None for streams not ready. See :func:`step_many`."""
+        if any(s.engine is not self for s in streams):
+            raise ValueError("Engine.step_many: every stream must come from this Engine")
+        return step_many(streams)
+
 
 def _prefetch_features(engine: Engine, streams: list[Stream]) -> None:
-    """The features every stream's next frame still needs, all streams in one frame-graph
+    """The features every stream's next frame still needs, all streams in one audio-graph
     call (the graph is per-window, so batching does not change what a stream gets)."""
     plans = [(s, s._missing_features(max(s._window_frames(s.next_frame)))) for s in streams]
     plans = [(s, todo) for s, todo in plans if todo]
@@ -273,7 +280,7 @@ def _prefetch_features(engine: Engine, streams: list[Stream]) -> None:
 
 
 def step_many(streams: list[Stream]) -> list[Frame | None]:
-    """One frame from each ready stream, the frame graphs and the decoders each batched into
+    """One frame from each ready stream, the audio graphs and the decoders each batched into
     one call (many sessions on one GPU). All streams must share one Engine. Returns None for
     streams not ready."""
     if not streams:

@@ -1,12 +1,12 @@
 """One definition of time, shared by dataset preparation, training, export and serving.
 
-Everything is an integer count of 16 kHz samples (STYLE habit 3); seconds appear only
+Everything is an integer count of 16 kHz samples (docs/design.md §8, habit 3); seconds appear only
 in messages. Derived constants are computed with ``exact_div`` so that a change to one
 of the base numbers that breaks an alignment fails at import time, not in a model.
 
 Video frame k covers samples ``[k * SAMPLES_PER_FRAME, (k + 1) * SAMPLES_PER_FRAME)``.
 Its MFCC window is the ``MFCC_FRAMES_PER_WINDOW`` (28) MFCC frames whose middle is the
-middle of video frame k (DESIGN.md §3). Those 28 frames at a 10 ms hop with a 25 ms
+middle of video frame k (docs/design.md §3). Those 28 frames at a 10 ms hop with a 25 ms
 analysis window span ``WINDOW_SAMPLES`` = 27 * 160 + 400 = 4720 samples, so:
 
     window(k) = [k * 640 + 320 - 2360, k * 640 + 320 + 2360) = [640 k - 2040, 640 k + 2680)

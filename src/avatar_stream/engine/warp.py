@@ -6,7 +6,7 @@ the landmarks by a piecewise-affine warp over a Delaunay triangulation of the la
 fixed anchors (a ring around the face and the image border, so hair, background and the
 upper face stay put), and the inner mouth is drawn where the lips part: a dark cavity with
 the upper teeth under the upper lip. This renders the synthetic training corpus
-(training/synth.py, DESIGN.md §5) and is a renderer in its own right for predicted AUs.
+(training/synth.py, docs/design.md §5) and is a renderer in its own right for predicted AUs.
 
 Movements are expressed in the face's own frame (x along the eye line, y from the eyes to
 the chin) in units of the face height H = eye line to chin, so they scale with the photo and

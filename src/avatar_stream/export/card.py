@@ -37,7 +37,7 @@ def check_servable(cfg) -> None:
         raise ValueError(f"model AU order {list(cfg.au_names)} differs from {list(timebase.AU_NAMES)}: "
                          f"the engine reports AUs in that order; train with that order")
     if not cfg.audio2au:
-        raise ValueError("the model is an ablation without Audio2AU: frame.onnx must output au_prob; "
+        raise ValueError("the model is an ablation without Audio2AU: audio.onnx must output au_prob; "
                          "export a model trained with audio2au=True")
 
 

@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="<stem>.safetensors written by avatar-train")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                   help="ONNX precision: fp32; fp16 (GPU); int8 (CPU: frame + decoder statically quantized)")
+                   help="ONNX precision: fp32; fp16 (GPU); int8 (CPU: audio graph + decoder statically quantized)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (NVIDIA GPU + TensorRT)")
     p.add_argument("--torch-tensorrt", action="store_true",
                    help="also compile the graphs with torch-tensorrt into OUT/torch_trt (comparison path, GPU)")

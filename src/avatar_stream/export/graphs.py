@@ -1,12 +1,12 @@
-"""The three exported graphs: torch wrappers split at the streaming boundaries (DESIGN.md §6).
+"""The three exported graphs: torch wrappers split at the streaming boundaries (docs/design.md §6).
 
     IdentityGraph      face (B,3,112,112)                  -> f_id (B,512), skip0..skip3
-    FrameGraph         pcm (B,4720) -> MFCC (B,12,28) -> Ea ⊕ Audio2AU -> feat (B,D), au_prob (B,5)
+    AudioGraph         pcm (B,4720) -> MFCC (B,12,28) -> Ea ⊕ Audio2AU -> feat (B,D), au_prob (B,5)
     TcsanDecoderGraph  feats (B,2R+1,D), f_id, skip0..3    -> frame (B,3,112,112) for the centre frame
 
 The boundaries follow the work rate: identity runs once per face, frame once per 40 ms of
 audio, the decoder once per output frame on the 2R+1 features around it. The MFCC sits inside
-``frame`` so that the engine feeds raw PCM and no second MFCC exists (DESIGN.md §3).
+``frame`` so that the engine feeds raw PCM and no second MFCC exists (docs/design.md §3).
 Names and dims are those of docs/interfaces.md; ``engine.card.GRAPH_IO`` is their one list.
 """
 
@@ -39,7 +39,7 @@ class IdentityGraph(nn.Module):
         return (f_id, *skips)
 
 
-class FrameGraph(nn.Module):
+class AudioGraph(nn.Module):
     """pcm (B,4720) = timebase.frame_window(audio, k) -> feat (B,D) = f_a ⊕ f_au, au_prob (B,5)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -77,7 +77,7 @@ class GraphSpec:
 
 SPECS: tuple[GraphSpec, ...] = (
     GraphSpec("identity", IdentityGraph, *GRAPH_IO["identity"]),
-    GraphSpec("frame", FrameGraph, *GRAPH_IO["frame"]),
+    GraphSpec("audio", AudioGraph, *GRAPH_IO["audio"]),
     GraphSpec("tcsan_decoder", TcsanDecoderGraph, *GRAPH_IO["tcsan_decoder"]),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
@@ -98,7 +98,7 @@ def example_inputs(model: nn.Module, batch: int, seed: int = 0) -> dict[str, dic
     feats = torch.randn(batch, cfg.receptive_field, cfg.frame_feature_dim, generator=g)
     return {
         "identity": {"face": face},
-        "frame": {"pcm": pcm},
+        "audio": {"pcm": pcm},
         "tcsan_decoder": {"feats": feats, "f_id": f_id, **{f"skip{i}": s for i, s in enumerate(skips)}},
     }
 

@@ -28,7 +28,7 @@ from avatar_stream.export import parity as P
 from avatar_stream.export.onnx_export import ExportOptions, export_model
 from avatar_stream.export.quantize import _latency_ms
 
-GRAPHS = ("identity", "frame", "tcsan_decoder")
+GRAPHS = ("identity", "audio", "tcsan_decoder")
 
 
 def trained_like(model: nn.Module, seed: int = 0, face_path: Path | None = None,
@@ -68,7 +68,7 @@ def measure(model: nn.Module, face_path: Path | None, speech_path: Path | None, 
             export_model(model, d, ExportOptions(precision=prec), checkpoint_sha256="0" * 64, log=lambda *a: None)
         crop, _ = P.real_face(face_path)
         rec = P.record_inputs(model, [crop], P.real_speech(speech_path))
-        res: dict = {"frames": int(rec["frame"]["pcm"].shape[0]), "latency_ms": {}}
+        res: dict = {"frames": int(rec["audio"]["pcm"].shape[0]), "latency_ms": {}}
         for prec, d in dirs.items():
             for g in GRAPHS:
                 one = {k: v[:1].numpy() for k, v in rec[g].items()}
@@ -78,7 +78,7 @@ def measure(model: nn.Module, face_path: Path | None, speech_path: Path | None, 
         dec = {k: v.numpy() for k, v in rec["tcsan_decoder"].items()}
         ref = P.ort_session(dirs["fp32"] / "tcsan_decoder.onnx").run(["frame"], dec)[0]
         dec8 = P.ort_session(dirs["int8"] / "tcsan_decoder.onnx")
-        feat8 = P.ort_session(dirs["int8"] / "frame.onnx").run(["feat"], {"pcm": rec["frame"]["pcm"].numpy()})[0]
+        feat8 = P.ort_session(dirs["int8"] / "audio.onnx").run(["feat"], {"pcm": rec["audio"]["pcm"].numpy()})[0]
         windows8 = P.edge_windows(torch.from_numpy(feat8), list(range(len(feat8))), model.cfg.lookahead_frames)
         end2end = dec8.run(["frame"], {**dec, "feats": windows8.numpy()})[0]
         res["psnr_decoder_db"] = _psnr(ref, dec8.run(["frame"], dec)[0])

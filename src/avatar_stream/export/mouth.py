@@ -2,11 +2,11 @@
 
     MouthGraph  feats (B, 2R+1, D) of frames k-R..k+R -> mouth (B, M) for frame k, in IODs
 
-The head reads the features of one model's frame graph: it is exported into that model's
+The head reads the features of one model's audio graph: it is exported into that model's
 directory, its card carries that model's checkpoint hash (so the engine refuses it beside
 another model's graphs) and, in ``head``, its own config, checkpoint hash, measure names and
 what it was trained on. Parity: the graph against torch on real features (the bundled
-speech through the directory's own frame.onnx), fp32 tolerance.
+speech through the directory's own audio.onnx), fp32 tolerance.
 """
 
 from __future__ import annotations
@@ -59,24 +59,25 @@ def export_mouth_head(head_path: str | Path, model_dir: str | Path, parity: bool
     from avatar_stream.training.mouth_head import load_mouth_head
 
     model_dir = Path(model_dir)
-    frame = read_card(model_dir / "frame.onnx")
+    audio = read_card(model_dir / "audio.onnx")
     head, extra = load_mouth_head(head_path)
-    trained_on = extra.get("frame_checkpoint_sha256")
-    if trained_on != frame.checkpoint_sha256:
+    # Heads saved before the audio graph had its name carry the older key.
+    trained_on = extra.get("audio_checkpoint_sha256", extra.get("frame_checkpoint_sha256"))
+    if trained_on != audio.checkpoint_sha256:
         raise ModelCardError(
             f"{head_path} was trained on the features of checkpoint {str(trained_on)[:12]}, "
-            f"{model_dir} holds {frame.checkpoint_sha256[:12]}: train the head on this model "
+            f"{model_dir} holds {audio.checkpoint_sha256[:12]}: train the head on this model "
             f"(avatar-train train-mouth --model {model_dir})")
-    if head.cfg.feature_dim != frame.frame_feature_dim or head.cfg.lookahead_frames != frame.lookahead_frames:
+    if head.cfg.feature_dim != audio.frame_feature_dim or head.cfg.lookahead_frames != audio.lookahead_frames:
         raise ModelCardError(f"{head_path}: reads {head.cfg.feature_dim} features x {head.cfg.window} frames, "
-                             f"{model_dir} gives {frame.frame_feature_dim} x {frame.receptive_field}")
+                             f"{model_dir} gives {audio.frame_feature_dim} x {audio.receptive_field}")
     graph = MouthGraph(head).eval()
     example = {"feats": torch.randn(2, head.cfg.window, head.cfg.feature_dim) * head.std + head.mean}
     proto = to_onnx(graph, SPEC, example)
     check(proto)
     errors: dict[str, float] = {}
     if parity:
-        x = _real_feature_windows(model_dir, frame.lookahead_frames, speech_path)
+        x = _real_feature_windows(model_dir, audio.lookahead_frames, speech_path)
         with torch.no_grad():
             want = graph(torch.from_numpy(x)).numpy()
         got = ort_session(proto).run(["mouth"], {"feats": x})[0]
@@ -88,10 +89,10 @@ def export_mouth_head(head_path: str | Path, model_dir: str | Path, parity: bool
         out = graph(example["feats"])
     info = {"config": json.loads(head.cfg.to_json()), "checkpoint_sha256": file_sha256(_safetensors(head_path)),
             "measures": list(head.cfg.measures), "units": "inter-ocular distances, relative to rest",
-            **{k: v for k, v in extra.items() if k != "frame_checkpoint_sha256"}}
-    card = build_card("mouth", ModelConfig.from_dict(dict(frame.config)),
+            **{k: v for k, v in extra.items() if k not in ("audio_checkpoint_sha256", "frame_checkpoint_sha256")}}
+    card = build_card("mouth", ModelConfig.from_dict(dict(audio.config)),
                       {"feats": ["B", head.cfg.window, head.cfg.feature_dim]}, {"mouth": ["B", int(out.shape[1])]},
-                      checkpoint_sha256=frame.checkpoint_sha256, precision="fp32", parity=errors,
+                      checkpoint_sha256=audio.checkpoint_sha256, precision="fp32", parity=errors,
                       exporter=exporter_version(OPSET), head=info)
     path = model_dir / "mouth.onnx"
     onnx.save(write_card(proto, card), path)

@@ -30,7 +30,7 @@ OPSET = 17
 PRECISIONS = ("fp32", "fp16", "int8")
 # int8 targets the per-frame CPU cost; identity runs once per face and stays fp32, since
 # its error would reach every frame through f_id and the skips.
-INT8_GRAPHS = ("frame", "tcsan_decoder")
+INT8_GRAPHS = ("audio", "tcsan_decoder")
 MANIFEST_FORMAT = "avatar-stream-model-dir"
 
 

@@ -1,6 +1,6 @@
 """The parity gate: every exported graph against its torch module, on recorded real inputs.
 
-Real inputs (STYLE habit 7): the bundled photo (``avatar_stream.ASSETS/face.jpg``) aligned by
+Real inputs (docs/design.md §8, habit 7): the bundled photo (``avatar_stream.ASSETS/face.jpg``) aligned by
 ``engine.face.FaceAligner`` exactly as the engine aligns a user's photo, and the bundled speech
 (``ASSETS/speech.wav``) cut into ``timebase.frame_windows``. The decoder's inputs are the torch
 features of that speech and that face, in the 2R+1 windows (edges replicated) the engine feeds.
@@ -83,7 +83,7 @@ def face_tensor(crops: list[np.ndarray]) -> torch.Tensor:
 
 def edge_windows(feats: torch.Tensor, centres: list[int], lookahead: int) -> torch.Tensor:
     """(T, D) features -> (len(centres), 2R+1, D): frames k-R..k+R, edge frames replicated
-    at both ends of the utterance (DESIGN.md §3)."""
+    at both ends of the utterance (docs/design.md §3)."""
     t = feats.shape[0]
     idx = torch.tensor([[min(max(k + j, 0), t - 1) for j in range(-lookahead, lookahead + 1)] for k in centres])
     return feats[idx]
@@ -92,20 +92,20 @@ def edge_windows(feats: torch.Tensor, centres: list[int], lookahead: int) -> tor
 @torch.no_grad()
 def record_inputs(model, crops: list[np.ndarray], audio: np.ndarray, centres: list[int] | None = None
                   ) -> dict[str, dict[str, torch.Tensor]]:
-    """Real inputs of every graph: faces ``crops``; every video frame of ``audio`` for ``frame``;
+    """Real inputs of every graph: faces ``crops``; every video frame of ``audio`` for the audio graph;
     decoder windows around ``centres`` (all frames by default) with the first face's identity."""
-    ident, frame = SPEC_BY_NAME["identity"], SPEC_BY_NAME["frame"]
-    from avatar_stream.export.graphs import FrameGraph, IdentityGraph
+    ident, audio_spec = SPEC_BY_NAME["identity"], SPEC_BY_NAME["audio"]
+    from avatar_stream.export.graphs import AudioGraph, IdentityGraph
 
     face = face_tensor(crops)
     id_out = run_torch(IdentityGraph(model).eval(), ident, {"face": face})
     pcm = torch.from_numpy(timebase.frame_windows(audio))
-    feats = torch.cat([run_torch(FrameGraph(model).eval(), frame, {"pcm": p})["feat"] for p in pcm.split(64)])
+    feats = torch.cat([run_torch(AudioGraph(model).eval(), audio_spec, {"pcm": p})["feat"] for p in pcm.split(64)])
     centres = list(range(len(pcm))) if centres is None else centres
     n = len(centres)
     dec = {"feats": edge_windows(feats, centres, model.cfg.lookahead_frames)}
     dec.update({k: v[:1].expand(n, *v.shape[1:]).contiguous() for k, v in id_out.items()})
-    return {"identity": {"face": face}, "frame": {"pcm": pcm}, "tcsan_decoder": dec}
+    return {"identity": {"face": face}, "audio": {"pcm": pcm}, "tcsan_decoder": dec}
 
 
 def spread(n_total: int, n: int) -> list[int]:
@@ -122,7 +122,7 @@ def parity_inputs(model, face_path: Path | None = None, speech_path: Path | None
     t = timebase.num_frames(len(audio))
     centres = spread(t, PARITY_FRAMES)
     rec = record_inputs(model, [crop, np.ascontiguousarray(crop[:, ::-1])], audio, centres)
-    rec["frame"]["pcm"] = rec["frame"]["pcm"][centres]
+    rec["audio"]["pcm"] = rec["audio"]["pcm"][centres]
     return rec
 
 

@@ -170,7 +170,7 @@ def estimate_offsets(feats: dict[str, np.ndarray], opening: dict[str, np.ndarray
 
     The loudness envelope follows the opening too loosely on continuous speech (r about 0.1 on
     these recordings) to place a peak; a predictor does better. Here it is a ridge map from
-    the audio features of frames k-radius..k+radius (an exported model's frame graph) to the
+    the audio features of frames k-radius..k+radius (an exported model's audio graph) to the
     opening at k, fitted on the other speakers (``folds`` folds by speaker), so no recording
     is judged by a map that saw it. Each recording's lag curve ``r(opening[k], pred[k + lag])``
     peaks at ``best_lag``; most peak at the same lag ``L0`` (the predictor's own timing),

@@ -1,4 +1,4 @@
-"""Checkpoints without pickles (DESIGN.md §4: safetensors, a checkpoint carries its config).
+"""Checkpoints without pickles (docs/design.md §4: safetensors, a checkpoint carries its config).
 
 ``save_checkpoint("run/step1000", {"generator": g.state_dict(), ...}, cfg, extra)`` writes
 

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     if importlib.util.find_spec("avatar_stream.training.synth") is not None:
         from avatar_stream.training import synth
 
-        syn = sub.add_parser("synth", help="make a GRID-shaped corpus with AU labels (DESIGN.md §5)")
+        syn = sub.add_parser("synth", help="make a GRID-shaped corpus with AU labels (docs/design.md §5)")
         synth.add_arguments(syn)
         syn.set_defaults(func=synth.main_synth)
 
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the mouth head)")
     tm.add_argument("--data", type=Path, required=True, help="avatar-train prepare-real output")
     tm.add_argument("--out", type=Path, required=True, help="run folder (head.safetensors, head.json)")
-    tm.add_argument("--model", type=Path, help="exported model whose frame graph gives the features "
+    tm.add_argument("--model", type=Path, help="exported model whose audio graph gives the features "
                     "(default: the starter)")
     tm.add_argument("--export-into", type=Path, metavar="MODEL_DIR",
                     help="also write MODEL_DIR/mouth.onnx (the same model as --model)")
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --audio2au, that pretrained Audio2AU replaces the checkpoint's)")
     t.add_argument("--freeze-audio", action="store_true",
                    help="with --init: train the image side only; the audio encoder and Audio2AU stay as in "
-                        "--init (the frame graph, and a mouth head reading it, stay valid)")
+                        "--init (the audio graph, and a mouth head reading it, stay valid)")
     vgg = t.add_mutually_exclusive_group()
     vgg.add_argument("--vgg-weights", type=Path, help="torchvision VGG-19 ImageNet weights (vgg19-dcbb9e9d.pth)")
     vgg.add_argument("--no-vgg", action="store_true", help="train without L_per")

@@ -1,4 +1,4 @@
-"""The one description of the generator's architecture and loss mix (DESIGN.md §2, §4).
+"""The one description of the generator's architecture and loss mix (docs/design.md §2, §4).
 
 `ModelConfig` is frozen, validated when built, and stored with every checkpoint and every
 exported graph (`to_dict()` / `from_dict()` / JSON), so a set of weights always rebuilds its

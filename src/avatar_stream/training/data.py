@@ -384,7 +384,8 @@ class ClipSample(NamedTuple):
     au_label: torch.Tensor  # (T, 5) float 0/1
 
 
-def _to_chw(img: np.ndarray) -> torch.Tensor:
+def to_chw(img: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) images -> float (..., 3, H, W) in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(img)).permute(*range(img.ndim - 3), -1, -3, -2).float() / 255.0
 
 
@@ -404,7 +405,7 @@ class ClipDataset(Dataset):
 
     Sample i = (clip, start); frames ``start - R .. start + T + R - 1`` feed the model, frames
     ``start .. start + T - 1`` are targets. Outside the clip the edge frame is replicated
-    (DESIGN.md §3), so the first and last frames of an utterance are trained exactly as the
+    (docs/design.md §3), so the first and last frames of an utterance are trained exactly as the
     stream renders them. ``clip_len=None`` gives one sample per whole clip (variable T).
     ``augment``: MFCC from ``augment_speech``-ed audio (training/augment.py) instead of the cache.
     ``quiet``: probability that an item is a quiet one instead: its audio replaced by digital
@@ -454,9 +455,9 @@ class ClipDataset(Dataset):
                 self._mfcc = MFCCCache(self.root)
             mfcc = self._mfcc.get(entry)[ctx]
         return ClipSample(
-            identity=_to_chw(clip["identity"]),
+            identity=to_chw(clip["identity"]),
             mfcc=torch.from_numpy(mfcc),
-            frames=_to_chw(load_frames(self.root, entry, np.arange(start, start + t))),
+            frames=to_chw(load_frames(self.root, entry, np.arange(start, start + t))),
             au=torch.from_numpy(clip["au"][start : start + t].astype(np.float32)),
             au_label=torch.from_numpy(clip["au_label"][start : start + t].astype(np.float32)),
         )
@@ -465,7 +466,7 @@ class ClipDataset(Dataset):
         from avatar_stream.engine.timebase import frame_windows
 
         windows = frame_windows(quiet_audio(n * SAMPLES_PER_FRAME, rng), n)[ctx]
-        identity = _to_chw(clip["identity"])
+        identity = to_chw(clip["identity"])
         return ClipSample(identity=identity, mfcc=torch.from_numpy(_mfcc_of(windows)),
                           frames=identity.unsqueeze(0).repeat(t, 1, 1, 1),
                           au=torch.zeros(t, len(AU_NAMES)), au_label=torch.zeros(t, len(AU_NAMES)))
@@ -517,7 +518,8 @@ class _FrameChunks(Dataset):
     def _chunks(self, n: int) -> int:
         return -(-n // self.per_item)
 
-    def _frames(self, ci: int, j: int) -> np.ndarray:
+    def frame_indices(self, ci: int, j: int) -> np.ndarray:
+        """The frame numbers of clip ``ci`` that item chunk ``j`` reads (spread over the clip)."""
         n = self.entries[ci]["frames"]
         return (j + self._chunks(n) * np.arange(self.per_item)) % n
 
@@ -601,16 +603,16 @@ class AUFrameDataset(_FrameChunks):
 
     def __getitem__(self, i: int):
         ci, j = self.items[i]
-        idx = self._frames(ci, j)
+        idx = self.frame_indices(ci, j)
         frames = load_frames(self.root, self.entries[ci], idx)
         ident = load_clip(self.root, self.entries[ci], ("identity",))["identity"] if self.reference else None
         seed = int(torch.randint(0, 2**31 - 1, (1,))) if self.jitter != "off" else 0
         if self.jitter == "full":
             frames, ident = _image_jitter_full(frames, ident, np.random.default_rng(seed + 1), self.reference_shift,
                                                self.aspect)
-        lower = _to_chw(frames[:, CROP // 2 :])
+        lower = to_chw(frames[:, CROP // 2 :])
         if ident is not None:
-            ref = _to_chw(ident[CROP // 2 :])
+            ref = to_chw(ident[CROP // 2 :])
             lower = torch.cat([lower, ref.expand(len(lower), -1, -1, -1)], dim=1)
         if self.jitter != "off":
             g = torch.Generator().manual_seed(seed)
@@ -636,7 +638,7 @@ class AudioAUDataset(_FrameChunks):
 
     def __getitem__(self, i: int):
         ci, j = self.items[i]
-        idx = self._frames(ci, j)
+        idx = self.frame_indices(ci, j)
         if self.augment is not None:
             m = augmented_mfcc(self.root, self.entries[ci], idx, self.augment)
             return (torch.from_numpy(m), *self.labels(ci, idx))

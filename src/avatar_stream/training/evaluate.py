@@ -1,4 +1,4 @@
-"""``avatar-train eval``: score a checkpoint on a prepared split (DESIGN.md §4 metrics).
+"""``avatar-train eval``: score a checkpoint on a prepared split (docs/design.md §4 metrics).
 
 Every clip of the split is rendered whole from its identity image and audio (edge frames
 replicated at both ends, as the stream does) and compared with the real frames:
@@ -40,7 +40,7 @@ from avatar_stream.training.metrics import (
 )
 from avatar_stream.training.models import AUClassifier
 
-# Paper, full model (DESIGN.md §4).
+# Paper, full model (docs/design.md §4).
 PAPER = {
     "grid": {"psnr": 29.971, "ssim": 0.772, "f1": 0.751, "acc": 0.8115, "real_f1": 0.871},
     "tcd-timit": {"psnr": 26.601, "ssim": 0.760, "f1": 0.590, "acc": 0.8651},

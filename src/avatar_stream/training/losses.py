@@ -1,4 +1,4 @@
-"""Training losses (paper §3.2, DESIGN.md §4):
+"""Training losses (paper §3.2, docs/design.md §4):
 
     L_total = w_rec L_rec + w_id L_id + w_per L_per + w_au L_au   (1.5, 1.5, 0.07, 0.02)
               [+ w_mouth L_mouth + w_motion L_motion: ours, not the paper's, 0 by default]

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md §4): PSNR, SSIM, per-AU F1 / accuracy, mouth landmark
+"""Evaluation metrics (docs/design.md §4): PSNR, SSIM, per-AU F1 / accuracy, mouth landmark
 distance (LMD), identity similarity, and the OpenFace CSV reader that supplies AU labels.
 
 Image conventions: float arrays or tensors in ``[0, 1]``, ``(N, 3, H, W)`` or ``(3, H, W)``

@@ -1,6 +1,6 @@
-"""The ONE MFCC of the project (DESIGN.md §3), as a torch module of exportable ops.
+"""The ONE MFCC of the project (docs/design.md §3), as a torch module of exportable ops.
 
-Used by dataset preparation, by training and inside the exported ``frame.onnx`` graph,
+Used by dataset preparation, by training and inside the exported ``audio.onnx`` graph,
 so the engine feeds raw 16 kHz PCM and no second MFCC implementation can drift.
 
 Definition (constants from ``engine/timebase.py``):

@@ -1,7 +1,7 @@
 """``avatar-train morph-faces``: more training identities from the photos there are.
 
 The AU classifier learns on 50 training faces and loses most of its F1 between them and
-held-out faces (MODEL_CARD, "Seventh round": 0.95 on training faces, 0.89 on held-out ones).
+held-out faces (0.95 on training faces, 0.89 on held-out ones; docs/experiments.md).
 A morph of two training photos is a face that is neither of them: both photos are cut to the
 same canonical canvas (their alignment matrices), the mean of the two landmark meshes is
 taken with a random weight ``t``, each photo is warped onto that mesh piecewise-affinely

@@ -9,7 +9,7 @@ bridge 27 to chin 8), landmarks at quarter-pixel resolution (``LANDMARK_SUBPIXEL
 real frames and on the generated ones; the score is their Pearson r per clip (frames where
 dlib finds no face on either side are left out) and the mean over clips.
 
-Why sub-pixel and three pairs (since 2026-11-26): dlib's landmarks are whole pixels, and at
+Why sub-pixel and three pairs: dlib's landmarks are whole pixels, and at
 GRID's size one pixel of lip gap is 1% of the face height. A closed mouth held still on hiss
 then measured as a gap flipping between 0 and 1 px, and that rounding, not the mouth, made
 most of the quiet-input ratio (a third-corpus model: 0.19 at whole pixels and one pair, 0.06

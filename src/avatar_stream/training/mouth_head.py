@@ -1,7 +1,7 @@
 """The mouth head: the shape of the mouth at frame k from the audio features of frames
 k-R..k+R, learned from real people talking (``avatar-train train-mouth``).
 
-The audio features are those the exported frame graph computes per video frame (f_a and the
+The audio features are those the exported audio graph computes per video frame (f_a and the
 Audio2AU features, gated by the engine's noise gate): the same window the TCSAN sees. The
 targets are the mouth measures of real video (training/landmarks.py: opening, width, jaw,
 lip height, in inter-ocular distances), each relative to the recording's own rest shape
@@ -43,7 +43,7 @@ class MouthHeadError(AvatarError, ValueError):
 
 @dataclass(frozen=True)
 class MouthHeadConfig:
-    feature_dim: int  # D_frame of the frame graph the head reads
+    feature_dim: int  # D_frame of the audio graph the head reads
     lookahead_frames: int  # R: the head reads frames k-R..k+R
     hidden: int = 32
     dropout: float = 0.5
@@ -309,14 +309,14 @@ def train_mouth(data, out, model=None, opts: MouthTrainOptions = MouthTrainOptio
                 sync: bool = True, log=print) -> tuple[Path, dict]:
     """``avatar-train train-mouth``: cross-validate by speaker (``folds`` > 1) to measure the
     head on held-out speakers and to calibrate its spread there, fit it on every training
-    speaker, save it under ``out/head``. ``model``: the exported model whose frame graph
+    speaker, save it under ``out/head``. ``model``: the exported model whose audio graph
     gives the features (None: the shipped starter). Returns (path, extra)."""
     from avatar_stream.engine.stream import Engine
 
     engine = Engine(model, backend="cpu")
     recs = load_recordings(data, "train", engine, sync=sync)
     r = engine.lookahead_frames
-    extra: dict = {"frame_checkpoint_sha256": engine.model.cards["frame"].checkpoint_sha256,
+    extra: dict = {"audio_checkpoint_sha256": engine.model.cards["audio"].checkpoint_sha256,
                    "data": str(data), "speakers": sorted({x.speaker for x in recs}),
                    "recordings": len(recs), "frames": int(sum(np.isfinite(x.target).all(1).sum() for x in recs)),
                    "sync": sync, "options": {k: v for k, v in opts.__dict__.items() if k not in ("extra", "progress")}}

@@ -1,4 +1,4 @@
-"""One model's figures, as the starter's MODEL_CARD.md reports them (issue 4, "done when"):
+"""One model's figures, as the starter's MODEL_CARD.md reports them:
 
 - ``audio2au``: Audio2AU occurrence F1 on the test split's MFCC windows (held-out voices),
   overall and per speech source (espeak-ng ``es_*`` / real recordings ``rs_*`` voices);

@@ -1,4 +1,4 @@
-"""Training stages (DESIGN.md §4): ``pretrain-au``, ``pretrain-au-classifier``, ``train``.
+"""Training stages (docs/design.md §4): ``pretrain-au``, ``pretrain-au-classifier``, ``train``.
 
 Each builds a :class:`loop.Task` and hands it to ``loop.run`` (seeded, resumable, DDP-aware).
 
@@ -94,7 +94,7 @@ class TrainOptions:
     quiet_items: float = 0.0  # p of a training item of noise or silence with the photo's mouth as target
     init: Path | None = None  # start the generator from this checkpoint's weights (fresh optimizer)
     # Train the image side only (identity encoder, TCSAN, decoder): the audio encoder and
-    # Audio2AU stay as in --init, so the exported frame graph, and a mouth head that reads its
+    # Audio2AU stay as in --init, so the exported audio graph, and a mouth head that reads its
     # features, stay valid (fine-tuning on real frames).
     freeze_audio: bool = False
 

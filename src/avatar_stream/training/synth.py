@@ -1,5 +1,5 @@
 """``avatar-train synth``: a GRID-shaped corpus made here, with AU labels known by construction
-(DESIGN.md §5). Same shards as ``prepare grid`` (``data.write_clip``), so every stage runs on it.
+(docs/design.md §5). Same shards as ``prepare grid`` (``data.write_clip``), so every stage runs on it.
 
 Per utterance: a face photo (identity) and a speech source,
 - espeak-ng speaking a GRID-grammar sentence or a free sentence with a random voice, rate
@@ -77,7 +77,7 @@ class SynthOptions:
     real_speech: tuple[Path, ...] = ()
     test_identities: int = 1
     test_voices: int = 1
-    test_real_speakers: int | None = None  # None: as many as test_voices (corpora before 2026-11-26)
+    test_real_speakers: int | None = None  # None: as many as test_voices (older corpora)
     workers: int = 1
     real_share: float = 0.3  # of utterances taken from real speech when any is given
     grid_share: float = 0.7  # of espeak utterances in the GRID grammar (the rest free text)

@@ -1,4 +1,4 @@
-"""The generator's building blocks (DESIGN.md §2), pure torch. `training.models` assembles them."""
+"""The generator's building blocks (docs/design.md §2), pure torch. `training.models` assembles them."""
 
 from avatar_stream.training.modules.decoder import ImageDecoder
 from avatar_stream.training.modules.encoders import AUClassifier, Audio2AU, AudioEncoder, IdentityEncoder
