@@ -289,7 +289,7 @@ def _gpu_tools() -> tuple[bool, bool]:
     from avatar_stream.engine import runners
 
     try:
-        runners._import_trt()
+        runners.import_trt()
         trt = runners.gpu_name() is not None
     except runners.RunnerError:
         trt = False

@@ -1,4 +1,4 @@
-"""engine/card.py and engine/runners.py: the card validator, the one runner interface, provider
+"""engine/card.py and engine/runners/: the card validator, the one runner interface, provider
 fallback, TensorRT engine sidecars. GPU paths are marked ``gpu`` and skip without one."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ RUNNER_PROPERTIES = ("input_names", "output_names", "providers", "batch_limit")
 
 def _has_trt() -> bool:
     try:
-        runners._import_trt()
+        runners.import_trt()
     except RunnerError:
         return False
     return runners.gpu_name() is not None
@@ -99,7 +99,7 @@ def test_ort_tensorrt_provider_needs_libnvinfer(monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(runners, "_import_trt", lambda: (_ for _ in ()).throw(RunnerError("no tensorrt")))
+    monkeypatch.setattr(runners, "import_trt", lambda: (_ for _ in ()).throw(RunnerError("no tensorrt")))
     monkeypatch.setattr(runners, "tensorrt_version", lambda: None)
     assert runners.available_backends() == ("cuda", "cpu")
     monkeypatch.setattr(runners, "tensorrt_version", lambda: "10.13.0")
@@ -134,7 +134,7 @@ def test_onnxruntime_session_errors_are_runner_errors(tmp_path, monkeypatch):
     RunnerError, so ``auto`` can go on to the next backend and the CLI prints one line."""
     bad = tmp_path / "audio.onnx"
     bad.write_bytes(b"not an onnx file")
-    monkeypatch.setattr(runners, "read_card", lambda path: None)  # reach the session without a card
+    monkeypatch.setattr(runners.ort, "read_card", lambda path: None)  # reach the session without a card
     with pytest.raises(RunnerError, match="audio.onnx: onnxruntime could not start a cpu session"):
         OrtRunner(bad)
 
@@ -198,13 +198,13 @@ def test_caches_go_to_the_user_cache_when_the_model_dir_is_read_only(tiny_export
     d = tiny_export.out
     assert runners.writable_dir(d / "tensorrt") == d / "tensorrt"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(runners.os, "access", lambda path, mode: Path(path) != d)
+    monkeypatch.setattr(runners.gpu.os, "access", lambda path, mode: Path(path) != d)
     moved = runners.writable_dir(d / "tensorrt")
     assert moved.parent.parent == tmp_path / "cache" / "avatar-stream" and moved.name == "tensorrt"
     assert moved.parent.name.startswith(d.name + "-") and moved == runners.writable_dir(d / "tensorrt")
     assert runners.engine_paths(d / "audio.onnx", "fp16")[0] == moved / "audio.fp16.engine"
-    card = runners.read_card(d / "audio.onnx")
-    trt_ep = runners._ort_providers("tensorrt", card, d / "audio.onnx", None, True, 4)[0][1]
+    card = runners.ort.read_card(d / "audio.onnx")
+    trt_ep = runners.ort._ort_providers("tensorrt", card, d / "audio.onnx", None, True, 4)[0][1]
     assert Path(trt_ep["trt_engine_cache_path"]).parent == moved.parent / "trt_cache"
 
 
@@ -216,8 +216,8 @@ def test_trt_runner_without_tensorrt_says_what_to_install(tiny_export):
 
 
 def test_trt_cache_key_names_gpu_and_version(monkeypatch):
-    monkeypatch.setattr(runners, "gpu_name", lambda device=0: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(runners, "tensorrt_version", lambda: "10.13.0.35")
+    monkeypatch.setattr(runners.gpu, "gpu_name", lambda device=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(runners.gpu, "tensorrt_version", lambda: "10.13.0.35")
     assert runners.trt_cache_key() == "NVIDIA-H100-80GB-HBM3_trt10.13.0.35"
 
 

@@ -65,9 +65,9 @@ def _load(args) -> tuple[object, str]:
 
 def _check_gpu_tools(args) -> None:
     if args.tensorrt:
-        from avatar_stream.engine.runners import RunnerError, _import_trt, gpu_name
+        from avatar_stream.engine.runners import RunnerError, gpu_name, import_trt
 
-        _import_trt()
+        import_trt()
         if gpu_name() is None:
             raise RunnerError("--tensorrt needs an NVIDIA GPU and none was found (nvidia-smi / cuda-python)")
     if args.torch_tensorrt:
