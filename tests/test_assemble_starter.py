@@ -22,7 +22,7 @@ def _run(*args) -> subprocess.CompletedProcess:
 
 def test_assemble_takes_the_classifier_option_from_its_run(tmp_path):
     torch.manual_seed(0)
-    gen_cfg = ModelConfig.tiny(w_per=0.0, w_motion=5.0, a2a_width=0.5)
+    gen_cfg = ModelConfig.tiny(w_per=0.0, w_mouth=5.0, a2a_width=0.5)
     save_checkpoint(tmp_path / "train", {"generator": TalkingHead(gen_cfg).state_dict()}, gen_cfg)
     clf_cfg = ModelConfig.tiny(au_clf_reference=True, au_clf_dropout=0.3, au_clf_symmetric=True)
     clf = AUClassifier(clf_cfg)
@@ -32,7 +32,7 @@ def test_assemble_takes_the_classifier_option_from_its_run(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg, states, extra = load_checkpoint(tmp_path / "starter")
     assert cfg.au_clf_reference and cfg.au_clf_symmetric and cfg.au_clf_dropout == 0.3 and cfg.w_per == 0.0 and set(states) == {"generator", "au_classifier"}
-    assert cfg.w_motion == 5.0  # the train run's loss weights, not the classifier run's
+    assert cfg.w_mouth == 5.0  # the train run's loss weights, not the classifier run's
     assert cfg.a2a_width == 0.5  # and its Audio2AU width (the classifier run never set it)
     TalkingHead(cfg).load_state_dict(states["generator"])
     again = AUClassifier(cfg)

@@ -197,39 +197,6 @@ def test_full_jitter_moves_the_reference_alone_by_at_most_the_reference_shift():
         AUFrameDataset(Path("."), "train", jitter="full", reference_shift=-1.0)
 
 
-def test_aspect_jitter_stretches_frames_and_reference_alike():
-    """--aspect-jitter A: after the similarity, a horizontal stretch by 1 +- A for the frames and
-    the identity image alike; at 0 nothing is drawn for it (the stream of earlier runs)."""
-    from avatar_stream.training.data import _image_jitter_full
-
-    square = np.zeros((112, 112, 3), np.uint8)
-    square[36:76, 36:76] = 255
-    frames = np.stack([square, square])
-
-    def ratios(aspect):
-        out = []
-        for seed in range(20):
-            f, i = _image_jitter_full(frames, square, np.random.default_rng(seed), 0.0, aspect)
-            if np.array_equal(i, f[0]):  # no blur or noise drawn: the identity lines up exactly
-                cols, rows = (f[0].mean(2) > 127).any(0).sum(), (f[0].mean(2) > 127).any(1).sum()
-                out.append(cols / rows)
-        return np.array(out)
-
-    for seed in range(5):
-        a = _image_jitter_full(frames, square, np.random.default_rng(seed), 1.5)
-        b = _image_jitter_full(frames, square, np.random.default_rng(seed), 1.5, 0.0)
-        np.testing.assert_array_equal(a[0], b[0])
-        np.testing.assert_array_equal(a[1], b[1])
-    plain, stretched = ratios(0.0), ratios(0.3)
-    assert len(plain) >= 3 and len(stretched) >= 3
-    print(f"\nwidth / height of a square: {plain.min():.2f}-{plain.max():.2f} without, "
-          f"{stretched.min():.2f}-{stretched.max():.2f} with --aspect-jitter 0.3")
-    assert np.abs(plain - 1).max() < 0.15  # rotation +-4 deg only
-    assert np.abs(stretched - 1).max() > 0.15
-    with pytest.raises(ValueError, match="aspect jitter"):
-        AUFrameDataset(Path("."), "train", jitter="full", aspect=1.0)
-
-
 # ----------------------------------------------------------------------------- layouts, split
 
 

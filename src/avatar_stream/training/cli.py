@@ -165,15 +165,11 @@ def cmd_pretrain_au_classifier(args) -> int:
     if args.reference_shift is not None and args.augment_images != "full":
         raise ValueError(f"--reference-shift {args.reference_shift} acts only with --augment-images full: "
                          "add it, or drop --reference-shift")
-    if args.aspect_jitter and args.augment_images != "full":
-        raise ValueError(f"--aspect-jitter {args.aspect_jitter} acts only with --augment-images full: "
-                         "add it, or drop --aspect-jitter")
     shift = REFERENCE_SHIFT if args.reference_shift is None else args.reference_shift
     return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr,
                                                                     balance=args.balance,
                                                                     augment_images=args.augment_images,
                                                                     reference_shift=shift,
-                                                                    aspect_jitter=args.aspect_jitter,
                                                                     init=args.init, **_teacher_options(args)))
 
 
@@ -380,9 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--reference-shift", type=float, metavar="PX",
                            help="with --augment-images full: the identity image alone is moved by up to "
                                 "this many pixels more (default 1.5)")
-            s.add_argument("--aspect-jitter", type=float, default=0.0, metavar="A",
-                           help="with --augment-images full: frames and identity image are also stretched "
-                                "horizontally by a factor in 1 +- A (default 0: off; e.g. 0.1)")
         s.set_defaults(func=func)
 
     t = sub.add_parser("train", help="train the full model")

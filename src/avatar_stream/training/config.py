@@ -32,6 +32,11 @@ ATTENTIONS = ("feature_tokens", "time")
 CONFIG_VERSION = 1
 
 
+# Options of deleted experiments, with the value that means "off": configs written while they
+# existed load when they were off (the motion loss: a mouth-box L1 on frame-to-frame changes).
+_REMOVED: dict[str, Any] = {"w_motion": 0.0}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture + loss weights. Defaults = the paper (see module docstring)."""
@@ -63,10 +68,6 @@ class ModelConfig:
     # (losses.MOUTH_BOX), for short CPU runs where the full-frame L_rec is dominated by
     # copying the identity and the mouth learns late.
     w_mouth: float = 0.0
-    # Not in the paper (0 = off): L1 between the frame-to-frame changes of the generated and
-    # the real mouth box (losses.motion_loss): penalises a mouth that jitters where the target
-    # is still (hiss, pauses) and one that moves less than the target.
-    w_motion: float = 0.0
     # Not in the paper (False = the paper's classifier): the AU classifier also sees the lower
     # half of the identity (neutral) image, 6 input channels, and so judges the change from
     # that face instead of guessing each unseen face's neutral mouth. Only the classifier
@@ -187,6 +188,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig version {version!r} is newer than this avatar-stream understands "
                 f"({CONFIG_VERSION}): upgrade avatar-stream to load it")
+        for key, off in _REMOVED.items():  # options of experiments that were deleted
+            if key in d and d.pop(key) != off:
+                raise ValueError(f"ModelConfig: {key} is an experiment this avatar-stream no longer has "
+                                 f"(only {key}={off} loads): use the version that trained it")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -536,7 +536,7 @@ REFERENCE_SHIFT = 1.5  # px: --augment-images full's default shift of the refere
 
 
 def _image_jitter_full(frames: np.ndarray, ident: np.ndarray | None, rng: np.random.Generator,
-                       reference_shift: float, aspect: float = 0.0):
+                       reference_shift: float):
     """The geometric and camera part of ``--augment-images full`` on uint8 ``(k, S, S, 3)``
     frames and their ``(S, S, 3)`` identity image (or None): one random similarity transform
     (rotation +-4 deg, scale 0.94-1.06, shift +-3 px) for the frames and the identity alike
@@ -545,19 +545,12 @@ def _image_jitter_full(frames: np.ndarray, ident: np.ndarray | None, rng: np.ran
     a generated frame), then
     with probability 0.3 each a Gaussian blur (sigma 0.4-1.2) and Gaussian noise (sigma 1-8
     grey levels) of the frames only: generated frames are softer than the photo they come
-    from. With ``aspect`` > 0 the similarity is followed by a horizontal stretch by a factor in
-    1 +- ``aspect`` about the centre (a wider or narrower face, as a head turned away shows;
-    nothing is drawn for it at 0, so the random stream is the one without it). Returns float32
-    arrays in [0, 255]."""
+    from. Returns float32 arrays in [0, 255]."""
     import cv2
 
     s = frames.shape[1]
     m = cv2.getRotationMatrix2D((s / 2.0, s / 2.0), rng.uniform(-4.0, 4.0), rng.uniform(0.94, 1.06))
     m[:, 2] += rng.uniform(-3.0, 3.0, 2)
-    if aspect > 0:
-        ax = rng.uniform(1.0 - aspect, 1.0 + aspect)
-        m[0] = ax * m[0]
-        m[0, 2] += (1.0 - ax) * s / 2.0
     warp = lambda img, mat: cv2.warpAffine(img, mat, (s, s), flags=cv2.INTER_LINEAR,  # noqa: E731
                                            borderMode=cv2.BORDER_REFLECT101)
     out = np.stack([warp(f, m) for f in frames]).astype(np.float32)
@@ -583,20 +576,16 @@ class AUFrameDataset(_FrameChunks):
     flip, per-channel gain 0.8-1.2 and offset +-0.06 per item, the same for the frames and the
     reference (a different face colour, not a different expression); ``"full"`` first applies
     :func:`_image_jitter_full` (position, scale, rotation, blur, noise; the reference alone
-    moved by up to ``reference_shift`` px more; both stretched horizontally by 1 +- ``aspect``),
-    then the same."""
+    moved by up to ``reference_shift`` px more), then the same."""
 
     def __init__(self, root, split: str, per_item: int = 8, reference: bool = False,
                  jitter: bool | str = False, soft_labels: float = 0.0,
-                 reference_shift: float = REFERENCE_SHIFT, aspect: float = 0.0):
+                 reference_shift: float = REFERENCE_SHIFT):
         if reference_shift < 0:
             raise ValueError(f"reference shift must be >= 0 px, got {reference_shift}")
-        if not 0.0 <= aspect < 1.0:
-            raise ValueError(f"aspect jitter must be in [0, 1), got {aspect}")
         super().__init__(root, split, per_item, soft_labels)
         self.reference = reference
         self.reference_shift = reference_shift
-        self.aspect = aspect
         self.jitter = {True: "colour", False: "off"}.get(jitter, jitter)
         if self.jitter not in IMAGE_JITTER:
             raise ValueError(f"image jitter must be one of {IMAGE_JITTER}, got {jitter!r}")
@@ -608,8 +597,7 @@ class AUFrameDataset(_FrameChunks):
         ident = load_clip(self.root, self.entries[ci], ("identity",))["identity"] if self.reference else None
         seed = int(torch.randint(0, 2**31 - 1, (1,))) if self.jitter != "off" else 0
         if self.jitter == "full":
-            frames, ident = _image_jitter_full(frames, ident, np.random.default_rng(seed + 1), self.reference_shift,
-                                               self.aspect)
+            frames, ident = _image_jitter_full(frames, ident, np.random.default_rng(seed + 1), self.reference_shift)
         lower = to_chw(frames[:, CROP // 2 :])
         if ident is not None:
             ref = to_chw(ident[CROP // 2 :])

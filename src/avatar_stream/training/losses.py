@@ -1,7 +1,7 @@
 """Training losses (paper §3.2, docs/design.md §4):
 
     L_total = w_rec L_rec + w_id L_id + w_per L_per + w_au L_au   (1.5, 1.5, 0.07, 0.02)
-              [+ w_mouth L_mouth + w_motion L_motion: ours, not the paper's, 0 by default]
+              [+ w_mouth L_mouth: ours, not the paper's, 0 by default]
 
 - L_rec: L1 between generated and real frames.
 - L_id: L1 between the upper halves (rows 0 .. S/2) of the generated frames and the identity image.
@@ -9,8 +9,7 @@
   between features (frozen, ImageNet-normalised input).
 - L_au: weighted BCE + weighted Dice between AU logits (the AU classifier on generated frames)
   and AU occurrence labels, per-AU weights w_i ∝ 1/r_i normalised to sum to n_au.
-- L_mouth (``mouth_loss``): L1 over ``MOUTH_BOX``; L_motion (``motion_loss``): L1 between the
-  frame-to-frame changes of the generated and the real mouth box.
+- L_mouth (``mouth_loss``): L1 over ``MOUTH_BOX``.
 
 VGG-19 is built here (torchvision is not installable beside our torch) with torchvision's
 layer indices, so torchvision's ImageNet file ``vgg19-dcbb9e9d.pth`` loads by key name.
@@ -143,15 +142,6 @@ def mouth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(_mouth(pred), _mouth(target))
 
 
-def motion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 between the frame-to-frame changes of ``pred`` and ``target`` ``(B, T, 3, S, S)``
-    over ``MOUTH_BOX`` (``ModelConfig.w_motion``); 0 for single frames (T = 1)."""
-    if pred.dim() != 5 or pred.shape[1] < 2:
-        return pred.new_zeros(())
-    p, t = _mouth(pred), _mouth(target)
-    return F.l1_loss(p[:, 1:] - p[:, :-1], t[:, 1:] - t[:, :-1])
-
-
 def identity_loss(pred: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
     """L_id: L1 between the upper halves of ``pred (B, T, 3, S, S)`` (or ``(B, 3, S, S)``) and
     ``identity (B, 3, S, S)``; the upper face should not move with speech."""
@@ -240,8 +230,6 @@ class TotalLoss(nn.Module):
             parts["id"] = identity_loss(pred, identity)
         if cfg.w_mouth > 0:
             parts["mouth"] = mouth_loss(pred, target)
-        if cfg.w_motion > 0:
-            parts["motion"] = motion_loss(pred, target)
         if self.perceptual is not None:
             parts["per"] = self.perceptual(pred, target)
         if cfg.w_au > 0:
@@ -249,7 +237,6 @@ class TotalLoss(nn.Module):
                 raise ValueError("w_au > 0 needs au_logits (AU classifier on the generated frames) "
                                  "and au_target (AU labels); pass them or set w_au=0")
             parts["au"] = au_loss(au_logits, au_target, self.au_w)
-        weight = {"rec": cfg.w_rec, "id": cfg.w_id, "per": cfg.w_per, "au": cfg.w_au, "mouth": cfg.w_mouth,
-                  "motion": cfg.w_motion}
+        weight = {"rec": cfg.w_rec, "id": cfg.w_id, "per": cfg.w_per, "au": cfg.w_au, "mouth": cfg.w_mouth}
         parts["total"] = sum((weight[k] * v for k, v in parts.items()), start=pred.new_zeros(()))
         return parts

@@ -64,7 +64,6 @@ class PretrainOptions:
     teacher_weight: float = 0.5
     soft_labels: float = 0.0  # tau > 0: training targets sigmoid((intensity - threshold) / tau) (data._FrameChunks)
     reference_shift: float = REFERENCE_SHIFT  # augment_images "full": px the reference alone moves (data.py)
-    aspect_jitter: float = 0.0  # augment_images "full": horizontal stretch 1 +- this (data.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.teacher_weight <= 1.0:
@@ -74,8 +73,6 @@ class PretrainOptions:
                              f"(e.g. 0.03), or 0 for off")
         if self.reference_shift < 0:
             raise ValueError(f"--reference-shift {self.reference_shift}: give a shift >= 0 px")
-        if not 0.0 <= self.aspect_jitter < 1.0:
-            raise ValueError(f"--aspect-jitter {self.aspect_jitter}: give a fraction in [0, 1), e.g. 0.1")
 
 
 @dataclass(frozen=True)
@@ -221,8 +218,7 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
                        "balance": opts.balance, "augment_images": opts.augment_images,
                        "init": str(opts.init) if opts.init else None,
                        "teachers": [str(t) for t in opts.teachers], "teacher_weight": opts.teacher_weight,
-                       "soft_labels": opts.soft_labels, "reference_shift": opts.reference_shift,
-                       "aspect_jitter": opts.aspect_jitter})
+                       "soft_labels": opts.soft_labels, "reference_shift": opts.reference_shift})
 
 
 def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
@@ -271,8 +267,7 @@ def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOp
     seed_everything(loop.seed)
     ref = cfg.au_clf_reference
     train = AUFrameDataset(opts.data, "train", opts.frames_per_item, reference=ref, jitter=opts.augment_images,
-                           soft_labels=opts.soft_labels, reference_shift=opts.reference_shift,
-                           aspect=opts.aspect_jitter)
+                           soft_labels=opts.soft_labels, reference_shift=opts.reference_shift)
     val = AUFrameDataset(opts.data, "test", opts.frames_per_item, reference=ref) if _has_val(opts.data) else None
     clf = AUClassifier(cfg)
     if opts.init is not None:
