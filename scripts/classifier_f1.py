@@ -28,9 +28,10 @@ import torch
 
 from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.checkpoint import CheckpointError
-from avatar_stream.training.data import AUFrameDataset, ShardError, load_clip, load_frames, to_chw
+from avatar_stream.training.datasets import AUFrameDataset, to_chw
 from avatar_stream.training.evaluate import load_au_classifier
 from avatar_stream.training.metrics import au_counts, au_scores, f1_from_counts
+from avatar_stream.training.shards import ShardError, load_clip, load_frames
 
 
 def _prob(logits: np.ndarray) -> np.ndarray:

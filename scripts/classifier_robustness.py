@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from avatar_stream.training.checkpoint import CheckpointError
-from avatar_stream.training.data import AUFrameDataset, ShardError, load_clip, load_frames, to_chw
+from avatar_stream.training.datasets import AUFrameDataset, to_chw
 from avatar_stream.training.evaluate import load_au_classifier
 from avatar_stream.training.metrics import au_scores
 from avatar_stream.training.models import AUClassifier
+from avatar_stream.training.shards import ShardError, load_clip, load_frames
 
 
 def _shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:

@@ -20,8 +20,8 @@ import numpy as np
 
 from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.au_table import occurrence
-from avatar_stream.training.data import ShardError, load_clip, split_entries
 from avatar_stream.training.metrics import au_scores
+from avatar_stream.training.shards import ShardError, load_clip, split_entries
 
 
 def ceiling(intensities: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:

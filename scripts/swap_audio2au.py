@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from avatar_stream.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from avatar_stream.training.data import MFCCCache, split_entries
+from avatar_stream.training.datasets import MFCCCache
 from avatar_stream.training.models import TalkingHead
+from avatar_stream.training.shards import split_entries
 
 
 def sample_windows(data: Path, n: int, seed: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 
 from avatar_stream.engine.timebase import AU_NAMES, SAMPLES_PER_FRAME, num_frames
 from avatar_stream.training import au_table as at
-from avatar_stream.training import speech
+from avatar_stream.training import sentences, speech
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "au_table.md"
 AU10, AU14, AU20, AU25, AU26 = range(5)
@@ -63,7 +63,7 @@ def test_every_espeak_symbol_maps_through_arpabet():
 
 def test_espeak_emits_only_mapped_symbols_in_every_english_accent():
     """Every phoneme espeak-ng actually produces for varied English, in each base voice."""
-    text = " ".join(speech.FREE_SENTENCES[40:52]) + " loch hue pure cure tour bird world bottle button"
+    text = " ".join(sentences.FREE_SENTENCES[40:52]) + " loch hue pure cure tour bird world bottle button"
     bases = sorted({v.split("+")[0] for v in speech.english_voices()})
     assert {"en", "en-us"} <= set(bases)
     seen = set()
@@ -168,7 +168,7 @@ def test_occurrence_thresholds_and_rates_on_speech():
     voices = speech.english_voices()
     labels = []
     for i in range(12):
-        text = speech.grid_speakable(speech.grid_sentence(rng)) if i % 2 else speech.free_sentence(rng)
+        text = sentences.grid_speakable(sentences.grid_sentence(rng)) if i % 2 else sentences.free_sentence(rng)
         v = speech.random_voice(rng, voices)
         utt = speech.synthesize(text, v.name, v.rate, v.pitch)
         labels.append(

@@ -7,7 +7,8 @@ import torch
 
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.augment import SpeechAugment, augment_speech
-from avatar_stream.training.data import AudioAUDataset, ClipDataset, write_clip, write_split
+from avatar_stream.training.datasets import AudioAUDataset, ClipDataset
+from avatar_stream.training.shards import write_clip, write_split
 
 FRAMES = 10
 

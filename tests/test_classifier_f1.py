@@ -12,9 +12,10 @@ import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import save_checkpoint
 from avatar_stream.training.config import ModelConfig
-from avatar_stream.training.data import load_clip, read_index, to_chw, write_clip, write_split
+from avatar_stream.training.datasets import to_chw
 from avatar_stream.training.metrics import au_scores
 from avatar_stream.training.models import AUClassifier
+from avatar_stream.training.shards import load_clip, read_index, write_clip, write_split
 
 
 def _corpus(root: Path) -> None:

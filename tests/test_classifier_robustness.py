@@ -11,9 +11,9 @@ import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import save_checkpoint
 from avatar_stream.training.config import ModelConfig
-from avatar_stream.training.data import write_clip, write_split
 from avatar_stream.training.metrics import au_scores
 from avatar_stream.training.models import AUClassifier
+from avatar_stream.training.shards import write_clip, write_split
 
 
 def _corpus(root: Path) -> None:
@@ -40,7 +40,7 @@ def test_table_scores_the_same_items_as_is_and_perturbed(tmp_path, capsys, load_
     row = json.loads(out.read_text())["mean_f1"][str(tmp_path / "clf.safetensors")]
     assert list(row) == list(cr.PERTURBATIONS)
     # "as is" is the plain held-out F1: the classifier on the dataset's own (unperturbed) inputs
-    from avatar_stream.training.data import AUFrameDataset
+    from avatar_stream.training.datasets import AUFrameDataset
 
     ds = AUFrameDataset(tmp_path / "c", "test", per_item=16, reference=True)
     with torch.no_grad():

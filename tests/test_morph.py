@@ -1,4 +1,4 @@
-"""training/morph.py (`avatar-train morph-faces`) and data.merge_corpora (`avatar-train merge`).
+"""training/morph.py (`avatar-train morph-faces`) and shards.merge_corpora (`avatar-train merge`).
 
 Faces: the astronaut, its mirror image and a darker copy stretched 1.3x wide (another face
 shape after alignment); real dlib alignment.
@@ -19,7 +19,7 @@ from avatar_stream.engine.warp import FaceWarper, face_frame
 from avatar_stream.engine.warp_mesh import N_BORDER_ANCHORS
 from avatar_stream.training import morph
 from avatar_stream.training.cli import main
-from avatar_stream.training.data import (
+from avatar_stream.training.shards import (
     ShardError,
     load_clip,
     merge_corpora,

@@ -1,4 +1,4 @@
-"""Dataset shards (training/data.py) and ``avatar-train prepare`` (training/prepare.py)."""
+"""Dataset shards (training/shards.py) and ``avatar-train prepare`` (training/prepare.py)."""
 
 from __future__ import annotations
 
@@ -14,22 +14,24 @@ import torch
 
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.cli import main
-from avatar_stream.training.data import (
+from avatar_stream.training.datasets import (
     AudioAUDataset,
     AUFrameDataset,
     ClipDataset,
     MFCCCache,
+    window_starts,
+)
+from avatar_stream.training.mfcc import mfcc_windows
+from avatar_stream.training.prepare import find_grid, find_tcd_timit, prepare, speaker_split
+from avatar_stream.training.shards import (
     ShardError,
     load_clip,
     load_frames,
     read_index,
     read_split,
-    window_starts,
     write_clip,
     write_split,
 )
-from avatar_stream.training.mfcc import mfcc_windows
-from avatar_stream.training.prepare import find_grid, find_tcd_timit, prepare, speaker_split
 
 GRID_LAYOUT = {"s1": ["lrwp9a", "pwij3p"], "s2": ["sbia1a", "sbwe5n"]}
 
@@ -180,7 +182,7 @@ def test_full_jitter_moves_the_reference_alone_by_at_most_the_reference_shift():
     shift: the frames come out the same for any shift."""
     import cv2
 
-    from avatar_stream.training.data import _image_jitter_full
+    from avatar_stream.training.datasets import _image_jitter_full
 
     rng = np.random.default_rng(0)
     ident = cv2.GaussianBlur(rng.uniform(0, 255, (112, 112, 3)).astype(np.uint8), (0, 0), 2.0)

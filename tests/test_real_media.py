@@ -176,7 +176,7 @@ def test_mouth_interior_bank_from_a_recording(tiny_real, tmp_path):
 
 
 def test_write_clip_keeps_extra_arrays_and_refuses_clashes(tmp_path):
-    from avatar_stream.training.data import ShardError, load_clip, write_clip
+    from avatar_stream.training.shards import ShardError, load_clip, write_clip
 
     t = 3
     frames = np.zeros((t, 112, 112, 3), np.uint8)

@@ -12,7 +12,6 @@ import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import save_checkpoint
 from avatar_stream.training.config import ModelConfig
-from avatar_stream.training.data import write_clip, write_split
 from avatar_stream.training.evaluate import EvalOptions, evaluate
 from avatar_stream.training.models import AUClassifier, TalkingHead
 from avatar_stream.training.scorecard import (
@@ -23,6 +22,7 @@ from avatar_stream.training.scorecard import (
     same_classifier,
     score,
 )
+from avatar_stream.training.shards import write_clip, write_split
 
 
 def _res(r_neural=0.5, psnr=25.0, f1=0.8, quiet=0.05):

@@ -1,4 +1,4 @@
-"""training/speech (espeak-ng with phoneme timings) and training/align (pocketsphinx)."""
+"""training/sentences and training/speech (espeak-ng with phoneme timings) and training/align (pocketsphinx)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from avatar_stream.engine.audio import load_audio, resample
 from avatar_stream.engine.timebase import SAMPLE_RATE, SAMPLES_PER_FRAME, num_frames
-from avatar_stream.training import align, au_table, speech
+from avatar_stream.training import align, au_table, sentences, speech
 from avatar_stream.training.metrics import au_scores
 
 GRID_IDS = {
@@ -33,37 +33,37 @@ MS = SAMPLE_RATE // 1000
 
 @pytest.mark.parametrize("grid_id", sorted(GRID_IDS))
 def test_grid_sentence_from_id(grid_id):
-    assert speech.grid_sentence_from_id(grid_id) == GRID_IDS[grid_id]
-    assert speech.grid_sentence_from_id(grid_id.upper() + " ") == GRID_IDS[grid_id]
+    assert sentences.grid_sentence_from_id(grid_id) == GRID_IDS[grid_id]
+    assert sentences.grid_sentence_from_id(grid_id.upper() + " ") == GRID_IDS[grid_id]
 
 
 def test_grid_id_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match="6 characters"):
-        speech.grid_sentence_from_id("lrwp9")
+        sentences.grid_sentence_from_id("lrwp9")
     with pytest.raises(ValueError, match="no letter"):
-        speech.grid_sentence_from_id("lrww9a")  # GRID has no letter w
+        sentences.grid_sentence_from_id("lrww9a")  # GRID has no letter w
     with pytest.raises(ValueError, match="no command"):
-        speech.grid_sentence_from_id("xrwp9a")
-    assert speech.grid_sentence_from_id("lrwp0a") == "lay red with p zero again"
+        sentences.grid_sentence_from_id("xrwp9a")
+    assert sentences.grid_sentence_from_id("lrwp0a") == "lay red with p zero again"
 
 
 def test_random_grid_sentences_cover_the_grammar():
     rng = np.random.default_rng(0)
     slots = [set() for _ in range(6)]
     for _ in range(3000):
-        gid = speech.random_grid_id(rng)
-        words = speech.grid_sentence_from_id(gid).split()
+        gid = sentences.random_grid_id(rng)
+        words = sentences.grid_sentence_from_id(gid).split()
         assert len(words) == 6
         for slot, word in zip(slots, words, strict=True):
             slot.add(word)
     assert [len(s) for s in slots] == [4, 4, 4, 25, 10, 4]
     assert "w" not in slots[3]
-    assert speech.grid_sentence(np.random.default_rng(5)) == speech.grid_sentence(np.random.default_rng(5))
+    assert sentences.grid_sentence(np.random.default_rng(5)) == sentences.grid_sentence(np.random.default_rng(5))
 
 
 def test_grid_letter_a_is_spoken_as_a_letter():
-    spoken = speech.grid_speakable("set blue in a one again")
-    assert spoken != "set blue in a one again" and speech.grid_speakable(
+    spoken = sentences.grid_speakable("set blue in a one again")
+    assert spoken != "set blue in a one again" and sentences.grid_speakable(
         "lay red with p nine again"
     ).endswith("again")
     symbols = [p for p, _, _ in speech.synthesize(spoken).phonemes]
@@ -72,9 +72,9 @@ def test_grid_letter_a_is_spoken_as_a_letter():
 
 
 def test_free_sentences_are_varied():
-    assert len(set(speech.FREE_SENTENCES)) == len(speech.FREE_SENTENCES) >= 60
+    assert len(set(sentences.FREE_SENTENCES)) == len(sentences.FREE_SENTENCES) >= 60
     rng = np.random.default_rng(1)
-    assert len({speech.free_sentence(rng) for _ in range(200)}) > 40
+    assert len({sentences.free_sentence(rng) for _ in range(200)}) > 40
 
 
 # ----------------------------------------------------------------------------- synthesis
@@ -185,7 +185,7 @@ def test_synthesize_rejects_bad_input_with_a_clear_message():
 
 
 def test_synthesize_from_several_threads_matches_sequential():
-    texts = [speech.grid_sentence_from_id(g) for g in GRID_IDS]
+    texts = [sentences.grid_sentence_from_id(g) for g in GRID_IDS]
     expected = [speech.synthesize(t, "en-us+m3").audio for t in texts]
     got = [None] * len(texts)
 
@@ -256,8 +256,8 @@ def test_force_align_matches_espeaks_own_timings():
         ("sbia1a", "en-us+f3"),
         ("sbwe5n", "en-gb-x-rp+f2"),
     ]:
-        sentence = speech.grid_sentence_from_id(grid_id)
-        utt = speech.synthesize(speech.grid_speakable(sentence), voice, 160, 50)
+        sentence = sentences.grid_sentence_from_id(grid_id)
+        utt = speech.synthesize(sentences.grid_speakable(sentence), voice, 160, 50)
         t0 = time.perf_counter()
         phones = align.force_align(utt.audio, sentence)
         times.append(time.perf_counter() - t0)
@@ -287,7 +287,7 @@ def test_alignment_errors_and_the_fallback(monkeypatch):
         align.force_align(utt.audio, " ... ")
     with pytest.raises(align.AlignmentError, match="at least 100 ms"):
         align.force_align(utt.audio[:800], "lay")
-    too_long = " ".join(speech.FREE_SENTENCES[:6])  # far more phones than 1.7 s can hold
+    too_long = " ".join(sentences.FREE_SENTENCES[:6])  # far more phones than 1.7 s can hold
     with pytest.raises(align.AlignmentError):
         align.force_align(utt.audio, too_long)
     phones, method = align.align_with_fallback(utt.audio, too_long)

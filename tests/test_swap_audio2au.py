@@ -13,8 +13,8 @@ import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import load_checkpoint, save_checkpoint
 from avatar_stream.training.config import ModelConfig
-from avatar_stream.training.data import write_clip, write_split
 from avatar_stream.training.models import TalkingHead
+from avatar_stream.training.shards import write_clip, write_split
 from avatar_stream.training.stages import AUHeads
 
 CFG = ModelConfig.tiny(tcsan_levels=1)

@@ -19,7 +19,8 @@ from avatar_stream.engine.face import default_predictor_path, warp_to_crop
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training import synth
 from avatar_stream.training.au_table import CLASSES, espeak_classes
-from avatar_stream.training.data import ClipDataset, load_clip, read_index, read_split
+from avatar_stream.training.datasets import ClipDataset
+from avatar_stream.training.shards import load_clip, read_index, read_split
 from avatar_stream.training.speech import english_voices, synthesize
 
 N_UTT = 3

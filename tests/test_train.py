@@ -18,8 +18,8 @@ import torch
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.training.checkpoint import load_checkpoint, save_checkpoint
 from avatar_stream.training.cli import main
-from avatar_stream.training.data import write_clip, write_split
 from avatar_stream.training.loop import lr_factor
+from avatar_stream.training.shards import write_clip, write_split
 
 FRAMES = 12
 # Tiny model, one TCSAN level (R = 1): CPU-fast, same code path as the paper model.
@@ -182,7 +182,8 @@ def test_soft_labels_follow_the_intensities(tmp_path, astronaut):
     """``--soft-labels TAU``: targets sigmoid((intensity - threshold) / TAU), on the right side of
     0.5 exactly where the 0/1 label is 1; refused for labels that are not thresholded intensities."""
     from avatar_stream.training.au_table import OCCURRENCE_THRESHOLDS, occurrence
-    from avatar_stream.training.data import AudioAUDataset, AUFrameDataset, load_clip
+    from avatar_stream.training.datasets import AudioAUDataset, AUFrameDataset
+    from avatar_stream.training.shards import load_clip
 
     root = tmp_path / "soft"
     base = cv2.resize(astronaut[20:300, 120:400], (112, 112), interpolation=cv2.INTER_AREA)

@@ -13,7 +13,7 @@ speakers (rounded, by a seeded draw) goes to ``dev``; sources with a single spea
 pooled into one group first. Speakers with more than ``LONG_SECONDS`` of recordings stay in
 ``train``: they hold most of the minutes a mouth model can learn from.
 
-``prepare-real`` writes, per recording, a shard in the training format (training/data.py:
+``prepare-real`` writes, per recording, a shard in the training format (training/shards.py:
 aligned 112x112 crops, 16 kHz audio on the video's timeline, the first frame's crop as the
 identity, AUs unknown) plus the arrays ``landmarks`` (T, 68, 2) in source pixels (NaN where
 no face), ``mouth`` (T, 4) (``landmarks.MEASURES``), ``matrix`` (T, 2, 3) (source -> crop) and
@@ -287,7 +287,7 @@ def process_recording(path: Path, tracker: LandmarkTracker | None = None) -> dic
 
 def _job(args):
     path, root, speaker, utt = args
-    from avatar_stream.training.data import write_clip
+    from avatar_stream.training.shards import write_clip
 
     res = process_recording(path)
     extra = {k: res[k] for k in ("landmarks", "mouth", "matrix", "photo")}
@@ -335,7 +335,7 @@ def prepare_real(clips_dir, out, manifest=None, workers: int = 2, only: list[str
 
     from tqdm import tqdm
 
-    from avatar_stream.training.data import write_json, write_split
+    from avatar_stream.training.shards import write_json, write_split
 
     clips_dir, out = Path(clips_dir), Path(out)
     if not clips_dir.is_dir():

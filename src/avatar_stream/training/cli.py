@@ -159,7 +159,7 @@ def cmd_pretrain_au(args) -> int:
 
 
 def cmd_pretrain_au_classifier(args) -> int:
-    from avatar_stream.training.data import REFERENCE_SHIFT
+    from avatar_stream.training.datasets import REFERENCE_SHIFT
     from avatar_stream.training.stages import PretrainOptions, pretrain_au_classifier
 
     if args.reference_shift is not None and args.augment_images != "full":
@@ -199,7 +199,7 @@ def cmd_eval(args) -> int:
                                progress=not args.no_progress))
     print(format_tables(res))
     out = args.json or Path(args.checkpoint).with_name(Path(args.checkpoint).name.split(".")[0] + ".eval.json")
-    from avatar_stream.training.data import write_json
+    from avatar_stream.training.shards import write_json
 
     write_json(out, res)
     print(f"metrics written to {out}")
@@ -213,7 +213,7 @@ def _cuda() -> bool:
 
 
 def cmd_merge(args) -> int:
-    from avatar_stream.training.data import merge_corpora
+    from avatar_stream.training.shards import merge_corpora
 
     n = merge_corpora(args.data, args.out)
     print(f"{args.out}: {n['clips']} clips ({n['train']} train / {n['test']} test speakers) from {len(args.data)} corpora")
@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from avatar_stream.engine.face import FaceError
     from avatar_stream.training.checkpoint import CheckpointError
-    from avatar_stream.training.data import ShardError
     from avatar_stream.training.losses import WeightsNotFoundError
+    from avatar_stream.training.shards import ShardError
 
     try:
         return args.func(args)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from avatar_stream.engine.timebase import AU_NAMES
 from avatar_stream.training.checkpoint import build_model_from_checkpoint, load_checkpoint
-from avatar_stream.training.data import ClipDataset
+from avatar_stream.training.datasets import ClipDataset
 from avatar_stream.training.metrics import (
     AUScores,
     FaceMetrics,

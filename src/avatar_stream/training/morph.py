@@ -32,7 +32,7 @@ from tqdm import tqdm
 from avatar_stream.engine.face import FaceAligner, FaceError
 from avatar_stream.engine.warp import FaceWarper, face_frame
 from avatar_stream.engine.warp_mesh import N_BORDER_ANCHORS
-from avatar_stream.training.data import write_json
+from avatar_stream.training.shards import write_json
 from avatar_stream.training.synth import Identity, cut_canvas, find_identities
 
 MORPH_SCALE = 2  # the canvas is cut at twice the canonical crop's scale, as synth's is

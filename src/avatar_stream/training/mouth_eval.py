@@ -222,7 +222,7 @@ def add_arguments(p) -> None:
 
 
 def main_eval_mouth(args) -> int:
-    from avatar_stream.training.data import write_json
+    from avatar_stream.training.shards import write_json
 
     renderers = RENDERERS if args.renderer == "both" else (args.renderer,)
     res = evaluate_mouth(MouthEvalOptions(clips=tuple(args.clips), model=args.model, renderers=renderers,

@@ -1,4 +1,4 @@
-"""``avatar-train prepare grid|tcd-timit``: videos -> dataset shards (training/data.py).
+"""``avatar-train prepare grid|tcd-timit``: videos -> dataset shards (training/shards.py).
 
 Per clip: frames resampled to 25 fps, aligned 112x112 crops from the engine's face front-end
 (``FaceAligner.align_video``: HOG detection on every frame, 68 landmarks, a similarity fitted
@@ -42,8 +42,8 @@ from tqdm import tqdm
 from avatar_stream.engine.audio import AudioError, load_audio
 from avatar_stream.engine.face import FaceAligner, FaceError
 from avatar_stream.engine.timebase import FPS, SAMPLES_PER_FRAME
-from avatar_stream.training.data import ShardError, read_index, write_clip, write_json, write_split
 from avatar_stream.training.metrics import read_openface_csv
+from avatar_stream.training.shards import ShardError, read_index, write_clip, write_json, write_split
 
 # Paper split sizes (train speakers, test speakers).
 PAPER_SPLITS = {"grid": (27, 6), "tcd-timit": (49, 10)}

@@ -494,7 +494,7 @@ def add_arguments(p) -> None:
 
 def main_eval_real(args) -> int:
     from avatar_stream.engine.gate import parse_gate
-    from avatar_stream.training.data import write_json
+    from avatar_stream.training.shards import write_json
 
     opts = RealEvalOptions(data=args.data, split=args.split, model=args.model,
                            renderers=RENDERERS if args.renderer == "both" else (args.renderer,),

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from avatar_stream.training.checkpoint import build_model_from_checkpoint, load_checkpoint
-from avatar_stream.training.data import MFCCCache, load_clip, split_entries
+from avatar_stream.training.datasets import MFCCCache
 from avatar_stream.training.metrics import au_scores
+from avatar_stream.training.shards import load_clip, split_entries
 
 
 @dataclass(frozen=True)

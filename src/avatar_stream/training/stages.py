@@ -30,20 +30,19 @@ from torch.nn.parallel import DistributedDataParallel
 from avatar_stream.training.augment import SpeechAugment
 from avatar_stream.training.checkpoint import load_checkpoint
 from avatar_stream.training.config import ModelConfig
-from avatar_stream.training.data import (
+from avatar_stream.training.datasets import (
     REFERENCE_SHIFT,
     AudioAUDataset,
     AUFrameDataset,
     ClipDataset,
-    ShardError,
     au_occurrence_rates,
-    read_split,
 )
 from avatar_stream.training.ddp import DistInfo, seed_everything
 from avatar_stream.training.loop import LoopOptions, Task, run
 from avatar_stream.training.losses import TotalLoss, au_loss, au_weights
 from avatar_stream.training.models import AUClassifier, TalkingHead, parameter_counts
 from avatar_stream.training.modules import Audio2AU
+from avatar_stream.training.shards import ShardError, read_split
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,8 @@ class PretrainOptions:
     # into the target, ``teacher_weight * teachers + (1 - teacher_weight) * label`` (known labels only).
     teachers: tuple[Path, ...] = ()
     teacher_weight: float = 0.5
-    soft_labels: float = 0.0  # tau > 0: training targets sigmoid((intensity - threshold) / tau) (data._FrameChunks)
-    reference_shift: float = REFERENCE_SHIFT  # augment_images "full": px the reference alone moves (data.py)
+    soft_labels: float = 0.0  # tau > 0: training targets sigmoid((intensity - threshold) / tau) (datasets._FrameChunks)
+    reference_shift: float = REFERENCE_SHIFT  # augment_images "full": px the reference alone moves (datasets.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.teacher_weight <= 1.0:

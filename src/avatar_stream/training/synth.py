@@ -1,5 +1,5 @@
 """``avatar-train synth``: a GRID-shaped corpus made here, with AU labels known by construction
-(docs/design.md §5). Same shards as ``prepare grid`` (``data.write_clip``), so every stage runs on it.
+(docs/design.md §5). Same shards as ``prepare grid`` (``shards.write_clip``), so every stage runs on it.
 
 Per utterance: a face photo (identity) and a speech source,
 - espeak-ng speaking a GRID-grammar sentence or a free sentence with a random voice, rate
@@ -52,7 +52,7 @@ from avatar_stream.engine.audio import AudioError, load_audio
 from avatar_stream.engine.face import FaceAligner, FaceError, apply_transform, read_image, warp_to_crop
 from avatar_stream.engine.timebase import SAMPLES_PER_FRAME
 from avatar_stream.engine.warp import FaceWarper
-from avatar_stream.training.data import ShardError, read_index, write_clip, write_json
+from avatar_stream.training.shards import ShardError, read_index, write_clip, write_json
 
 CROP = 112
 SCALE = 2  # the canvas is cut at twice the crop's scale and box-filtered down per frame
@@ -196,7 +196,7 @@ def find_real_speech(folders) -> list[RealFile]:
     """Recordings in ``folders`` (recursively), each with its speaker and transcript if known.
     Speaker: the MANIFEST.tsv ``speaker_id_guess``, else the folder holding the file (GRID's
     ``s1/*.mpg`` layout). Transcript: MANIFEST, transcripts.txt, or a GRID file name."""
-    from avatar_stream.training.speech import grid_sentence_from_id
+    from avatar_stream.training.sentences import grid_sentence_from_id
 
     out = []
     for folder in folders:
@@ -257,13 +257,8 @@ def plan(opts: SynthOptions, identities: list[Identity], voices: tuple[str, ...]
 
 
 def _job(opts: SynthOptions, i: int, split: str, pools) -> ClipJob:
-    from avatar_stream.training.speech import (
-        PITCH_RANGE,
-        RATE_RANGE,
-        free_sentence,
-        grid_sentence,
-        grid_speakable,
-    )
+    from avatar_stream.training.sentences import free_sentence, grid_sentence, grid_speakable
+    from avatar_stream.training.speech import PITCH_RANGE, RATE_RANGE
 
     rng = np.random.default_rng([opts.seed, i])
     ids, es, real = pools[split]
