@@ -33,6 +33,9 @@ from pathlib import Path
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (the same flags for every stage of one model)")
     g.add_argument("--tiny", action="store_true", help="small test/smoke model (ModelConfig.tiny())")
+    g.add_argument("--config", metavar="PRESET|FILE.toml",
+                   help=f"model preset: a bundled name ({', '.join(preset_names())}) or a TOML file whose "
+                        "[model] table sets ModelConfig fields; --width and --set override it")
     g.add_argument("--width", type=float, help="internal channel multiplier (default 1.0, tiny 0.125)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ModelConfig field, e.g. --set fusion=tcn --set tcsan_levels=2 (repeatable)")
@@ -83,6 +86,39 @@ def _parse_value(text: str):
         return text  # a bare string, e.g. fusion=tcn
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    """The ``[model]`` table of a bundled preset (``starter``, ``paper``) or of a TOML file."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser from PyPI (the [train] extra installs it)
+        import tomli as tomllib
+
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = PRESETS / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ValueError(f"--config {name_or_path}: no such preset; use one of {', '.join(preset_names())} "
+                             "or a path to a .toml file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config {name_or_path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: not valid TOML ({e})") from None
+    model = data.get("model")
+    if not isinstance(model, dict) or set(data) - {"model"}:
+        raise ValueError(f"--config {path}: expected one [model] table of ModelConfig fields, "
+                         f"found {sorted(data) or 'nothing'}")
+    return model
+
+
 def model_config(args):
     from avatar_stream.training.config import ModelConfig
 
@@ -95,6 +131,8 @@ def model_config(args):
     if args.width is not None:
         over["width"] = args.width
     base = ModelConfig.tiny().to_dict() if args.tiny else ModelConfig().to_dict()
+    if getattr(args, "config", None):
+        base.update(load_preset(args.config))
     base.update(over)
     return ModelConfig.from_dict(base)
 
