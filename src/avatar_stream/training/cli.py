@@ -188,27 +188,26 @@ def _teacher_options(args) -> dict:
 
 
 def cmd_pretrain_au(args) -> int:
-    from avatar_stream.training.stages import PretrainOptions, pretrain_au
+    from avatar_stream.training.stages import AudioPretrainOptions, pretrain_au
 
     _check_speech_options(args)
-    return _run_stage(args, pretrain_au, PretrainOptions(data=args.data, lr=args.lr, balance=args.balance,
-                                                         augment_speech=args.augment_speech, vtlp=args.vtlp,
-                                                         init=args.init, **_teacher_options(args)))
+    return _run_stage(args, pretrain_au, AudioPretrainOptions(data=args.data, lr=args.lr, balance=args.balance,
+                                                              augment_speech=args.augment_speech, vtlp=args.vtlp,
+                                                              init=args.init, **_teacher_options(args)))
 
 
 def cmd_pretrain_au_classifier(args) -> int:
     from avatar_stream.training.datasets import REFERENCE_SHIFT
-    from avatar_stream.training.stages import PretrainOptions, pretrain_au_classifier
+    from avatar_stream.training.stages import ClassifierPretrainOptions, pretrain_au_classifier
 
     if args.reference_shift is not None and args.augment_images != "full":
         raise ValueError(f"--reference-shift {args.reference_shift} acts only with --augment-images full: "
                          "add it, or drop --reference-shift")
     shift = REFERENCE_SHIFT if args.reference_shift is None else args.reference_shift
-    return _run_stage(args, pretrain_au_classifier, PretrainOptions(data=args.data, lr=args.lr,
-                                                                    balance=args.balance,
-                                                                    augment_images=args.augment_images,
-                                                                    reference_shift=shift,
-                                                                    init=args.init, **_teacher_options(args)))
+    opts = ClassifierPretrainOptions(data=args.data, lr=args.lr, balance=args.balance,
+                                     augment_images=args.augment_images, reference_shift=shift,
+                                     init=args.init, **_teacher_options(args))
+    return _run_stage(args, pretrain_au_classifier, opts)
 
 
 def cmd_train(args) -> int:

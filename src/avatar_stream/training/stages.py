@@ -18,7 +18,7 @@ import dataclasses
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -47,22 +47,20 @@ from avatar_stream.training.shards import ShardError, read_split
 
 @dataclass(frozen=True)
 class PretrainOptions:
+    """What both pretraining stages take; each stage's own options extend it."""
+
     data: Path
     lr: float = 1e-3
     frames_per_item: int = 8  # frames of one clip per dataset item (batch = B x this)
-    augment_speech: bool = False  # training split only (training/augment.py); pretrain-au only
-    vtlp: float = 0.0  # with augment_speech: p of a vocal tract length perturbation per item
     # Weight positives by (1 - r) / r per AU (r = training-split occurrence rate): rare AUs
     # are otherwise learned last, and F1 at threshold 0.5 stays near 0 for them meanwhile.
     balance: bool = False
-    augment_images: bool | str = False  # pretrain-au-classifier: "colour" (= True) or "full" (AUFrameDataset)
     init: Path | None = None  # start from this stage checkpoint's weights (new run, fresh optimizer)
     # Distillation: checkpoints of the same stage (any width) whose mean probability is mixed
     # into the target, ``teacher_weight * teachers + (1 - teacher_weight) * label`` (known labels only).
     teachers: tuple[Path, ...] = ()
     teacher_weight: float = 0.5
     soft_labels: float = 0.0  # tau > 0: training targets sigmoid((intensity - threshold) / tau) (datasets._FrameChunks)
-    reference_shift: float = REFERENCE_SHIFT  # augment_images "full": px the reference alone moves (datasets.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.teacher_weight <= 1.0:
@@ -70,6 +68,33 @@ class PretrainOptions:
         if self.soft_labels < 0:
             raise ValueError(f"--soft-labels {self.soft_labels}: give tau > 0 in AU intensity units "
                              f"(e.g. 0.03), or 0 for off")
+
+    def record(self) -> dict:
+        """The options as JSON values, kept in the stage's checkpoints."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = [str(t) for t in v] if f.name == "teachers" else str(v) if isinstance(v, Path) else v
+        return out
+
+
+@dataclass(frozen=True)
+class AudioPretrainOptions(PretrainOptions):
+    """``pretrain-au``: Audio2AU on MFCC windows."""
+
+    augment_speech: bool = False  # training split only (training/augment.py)
+    vtlp: float = 0.0  # with augment_speech: p of a vocal tract length perturbation per item
+
+
+@dataclass(frozen=True)
+class ClassifierPretrainOptions(PretrainOptions):
+    """``pretrain-au-classifier``: the AU classifier on lower-half face crops."""
+
+    augment_images: bool | str = False  # "colour" (= True) or "full" (AUFrameDataset)
+    reference_shift: float = REFERENCE_SHIFT  # augment_images "full": px the reference alone moves (datasets.py)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.reference_shift < 0:
             raise ValueError(f"--reference-shift {self.reference_shift}: give a shift >= 0 px")
 
@@ -213,14 +238,10 @@ def _pretrain_task(name: str, cfg: ModelConfig, net: nn.Module, saved: dict[str,
         return {"bce": loss, "total": loss, "acc": _accuracy(logits, y, v)}
 
     return Task(name, cfg, train_set, val_set, opt, saved, step, validate,
-                extra={"lr": opts.lr, "data": str(opts.data), "augment_speech": opts.augment_speech, "vtlp": opts.vtlp,
-                       "balance": opts.balance, "augment_images": opts.augment_images,
-                       "init": str(opts.init) if opts.init else None,
-                       "teachers": [str(t) for t in opts.teachers], "teacher_weight": opts.teacher_weight,
-                       "soft_labels": opts.soft_labels, "reference_shift": opts.reference_shift})
+                extra=opts.record())
 
 
-def pretrain_au(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
+def pretrain_au(cfg: ModelConfig, opts: AudioPretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
     """Pretrain the Audio2AU modules on (MFCC window, AU occurrence) pairs."""
     if not cfg.audio2au:
         raise ValueError("pretrain-au needs a config with Audio2AU on (drop --set audio2au=false)")
@@ -261,7 +282,7 @@ def _init_classifier(path: Path, cfg: ModelConfig, clf: AUClassifier, info: Dist
               file=sys.stderr)
 
 
-def pretrain_au_classifier(cfg: ModelConfig, opts: PretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
+def pretrain_au_classifier(cfg: ModelConfig, opts: ClassifierPretrainOptions, loop: LoopOptions, info: DistInfo) -> dict:
     """Pretrain the AU classifier on (lower-half crop, AU occurrence) pairs."""
     seed_everything(loop.seed)
     ref = cfg.au_clf_reference
@@ -477,4 +498,4 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
     return state
 
 
-__all__ = ["PretrainOptions", "ShardError", "TrainOptions", "pretrain_au", "pretrain_au_classifier", "train"]
+__all__ = ["AudioPretrainOptions", "ClassifierPretrainOptions", "PretrainOptions", "ShardError", "TrainOptions", "pretrain_au", "pretrain_au_classifier", "train"]
