@@ -169,8 +169,8 @@ class AvatarStreamVideoService(AIService):
         # Whoever pushes downstream (a tick's frames, held frames, an interruption) does it
         # under this lock, so frames leave in the order decided. Rendering runs outside it.
         self._lock = asyncio.Lock()
-        # Held while a tick renders. LiveAvatar.clear() edits the stream a render reads, so a
-        # barge-in waits for the render in progress (a few ms) before clearing.
+        # Held while a tick renders: a barge-in lands between two ticks, so the tick rendered
+        # across it is known (``_clears``) and silenced as a whole.
         self._render_lock = asyncio.Lock()
         self._clears = 0  # interruptions so far: a tick rendered across one is silenced
         self._clock_task: asyncio.Task | None = None
