@@ -37,27 +37,6 @@ def test_noise_snr_is_the_drawn_one():
     assert abs(snr - 20.0) < 0.5
 
 
-def test_noise_floor_level_is_the_drawn_dbfs_and_off_by_default():
-    x = np.zeros(32000, np.float32)
-    x[8000:16000] = _tone(8000)
-    silent = slice(20000, 32000)  # a pause: only the floor can be there
-    for pink in (0.0, 1.0):
-        aug = SpeechAugment(p_noise=0.0, p_reverb=0.0, p_gain=0.0, p_floor=1.0, floor_dbfs=(-50.0, -50.0),
-                            p_pink=pink)
-        y = augment_speech(x, np.random.default_rng(2), aug)
-        level = 10 * np.log10(np.mean(y[silent].astype(np.float64) ** 2))
-        assert abs(level - -50.0) < 1.5, (pink, level)
-    ranged = SpeechAugment(p_noise=0.0, p_reverb=0.0, p_gain=0.0, p_floor=1.0, floor_dbfs=(-75.0, -40.0))
-    levels = [10 * np.log10(np.mean(augment_speech(x, np.random.default_rng(s), ranged)[silent] ** 2.0))
-              for s in range(20)]
-    assert -76.5 < min(levels) and max(levels) < -38.5 and max(levels) - min(levels) > 10
-    # Off by default: no floor, and the default equals an explicit p_floor=0.
-    quiet = SpeechAugment(p_noise=0.0, p_reverb=0.0, p_gain=0.0)
-    assert np.abs(augment_speech(x, np.random.default_rng(2), quiet)[silent]).max() == 0.0
-    np.testing.assert_array_equal(augment_speech(x, np.random.default_rng(4)),
-                                  augment_speech(x, np.random.default_rng(4), SpeechAugment(p_floor=0.0)))
-
-
 def test_reverb_keeps_onset_and_adds_a_tail():
     x = np.zeros(16000, np.float32)
     x[4000:4800] = _tone(800)

@@ -4,11 +4,8 @@ The corpus speech is clean (espeak-ng, studio read speech, digital silence betwe
 microphone delivers room noise, reverberation and any level. ``augment_speech`` applies, each
 with its own probability: a level change, additive noise (white or pink) at an SNR measured
 against the clip's speech level, reverberation (an exponentially decaying noise impulse
-response mixed with the dry signal) and, off by default, an absolute noise floor: white or
-pink noise at a drawn dBFS level over the whole clip, so that pauses carry the quiet room or
-microphone noise a live input has while their target mouth stays closed (relative noise alone
-rarely puts -60..-40 dBFS noise under silence). Labels stay valid: none of these moves a
-phoneme in time.
+response mixed with the dry signal). Labels stay valid: none of these moves a phoneme in
+time.
 
 Deterministic: the result is a function of (audio, rng state) only; the datasets draw the
 rng seed from the worker's torch RNG, which the training loop seeds from (seed, epoch,
@@ -37,8 +34,6 @@ class SpeechAugment:
     wet: tuple[float, float] = (0.1, 0.5)  # share of reverberant energy in the mix
     p_gain: float = 0.8
     gain_db: tuple[float, float] = (-24.0, 6.0)
-    p_floor: float = 0.0  # absolute noise floor; 0 keeps the paper-setting augmentation unchanged
-    floor_dbfs: tuple[float, float] = (-75.0, -40.0)  # floor RMS re full scale, after the level change
     # Vocal tract length perturbation (Jaitly & Hinton 2013): the spectrum's frequency axis
     # scaled by alpha, timing untouched, so the AU labels stay valid; another speaker's
     # formants from the same utterance. 0 keeps the paper-setting augmentation unchanged.
@@ -139,9 +134,6 @@ def augment_speech(audio: np.ndarray, rng: np.random.Generator, aug: SpeechAugme
             x = x + noise * level * 10.0 ** (-rng.uniform(*aug.snr_db) / 20.0)
     if rng.random() < aug.p_gain:
         x = x * 10.0 ** (rng.uniform(*aug.gain_db) / 20.0)
-    # Drawn only when enabled, so p_floor == 0 leaves the rng stream (and old runs) unchanged.
-    if aug.p_floor > 0 and rng.random() < aug.p_floor:
-        x = x + noise_at(len(x), rng, aug.floor_dbfs, aug.p_pink)
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 

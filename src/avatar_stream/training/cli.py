@@ -73,10 +73,9 @@ def _check_probability(flag: str, value: float) -> None:
 
 
 def _check_speech_options(args) -> None:
-    for flag, value in (("--vtlp", args.vtlp), ("--noise-floor", getattr(args, "noise_floor", 0.0))):
-        _check_probability(flag, value)
-        if value > 0 and not args.augment_speech:
-            raise ValueError(f"{flag} {value} acts only with --augment-speech: add it, or drop {flag}")
+    _check_probability("--vtlp", args.vtlp)
+    if args.vtlp > 0 and not args.augment_speech:
+        raise ValueError(f"--vtlp {args.vtlp} acts only with --augment-speech: add it, or drop --vtlp")
 
 
 def _parse_value(text: str):
@@ -220,7 +219,7 @@ def cmd_train(args) -> int:
     opts = TrainOptions(data=args.data, clip_len=args.clip_len, lr=args.lr, lr_audio2au=args.lr_audio2au,
                         lr_au_classifier=args.lr_au_classifier, audio2au=args.audio2au,
                         au_classifier=args.au_classifier, vgg_weights=args.vgg_weights,
-                        augment_speech=args.augment_speech, noise_floor=args.noise_floor, vtlp=args.vtlp,
+                        augment_speech=args.augment_speech, vtlp=args.vtlp,
                         quiet_items=args.quiet_items, init=args.init, freeze_audio=args.freeze_audio)
     return _run_stage(args, train, opts)
 
@@ -273,7 +272,7 @@ def cmd_train_mouth(args) -> int:
     from avatar_stream.training.mouth_head import MouthTrainOptions, train_mouth
 
     opts = MouthTrainOptions(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                             hidden=args.hidden, members=args.members, progress=not args.no_progress)
+                             hidden=args.hidden, progress=not args.no_progress)
     path, extra = train_mouth(args.data, args.out, model=args.model, opts=opts, folds=args.cv,
                               sync=not args.no_sync)
     print(f"wrote {path}")
@@ -355,7 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--lr", type=float, default=1e-3)
     tm.add_argument("--weight-decay", type=float, default=0.1)
     tm.add_argument("--hidden", type=int, default=32)
-    tm.add_argument("--members", type=int, default=1, help="heads from different seeds, averaged")
     tm.add_argument("--seed", type=int, default=0)
     tm.add_argument("--no-sync", action="store_true", help="ignore the recordings' A/V offsets")
     tm.add_argument("--no-progress", action="store_true")
@@ -425,8 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--audio2au", type=Path, help="pretrain-au checkpoint (RUN_AU/best.safetensors)")
     t.add_argument("--au-classifier", type=Path, help="pretrain-au-classifier checkpoint (enables L_au)")
     t.add_argument("--augment-speech", action="store_true", help=_AUG_HELP)
-    t.add_argument("--noise-floor", type=float, default=0.0, metavar="P",
-                   help="with --augment-speech: probability of an absolute -75..-40 dBFS noise floor per clip")
     t.add_argument("--vtlp", type=float, default=0.0, metavar="P", help=_VTLP_HELP)
     t.add_argument("--quiet-items", type=float, default=0.0, metavar="P",
                    help="probability of a training item of only noise (-75..-35 dBFS) or silence, whose "

@@ -11,8 +11,9 @@ the audio's timeline (the recording's A/V offset removed, avreal.estimate_offset
 The head is small on purpose: a few minutes of real video are all there is to learn from.
 Per member: a shared linear map of each frame's features to ``hidden`` units, then dilated
 valid convolutions over time (kernel 3, dilations 1, 2, 4: exactly 15 frames for R = 7),
-then a linear read-out; heavy dropout and weight decay. ``members`` heads trained from
-different seeds are averaged. Its output is in inter-ocular distances, scaled so that its
+then a linear read-out; heavy dropout and weight decay. (The file format allows several
+members averaged; training makes one: an ensemble of three did worse on the dev speakers.)
+Its output is in inter-ocular distances, scaled so that its
 spread on the training speech equals the real mouths' (``scale``): a regression shrinks
 towards the mean, and a mouth that moves a third as much as a real one looks mumbled.
 
@@ -210,7 +211,6 @@ class MouthTrainOptions:
     hidden: int = 32
     dropout: float = 0.5
     input_dropout: float = 0.3
-    members: int = 1
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -234,8 +234,7 @@ def fit(recs: list[Recording], lookahead_frames: int, opts: MouthTrainOptions = 
     if not recs:
         raise MouthHeadError("no recordings to train the mouth head on")
     cfg = MouthHeadConfig(feature_dim=int(recs[0].feats.shape[1]), lookahead_frames=lookahead_frames,
-                          hidden=opts.hidden, dropout=opts.dropout, input_dropout=opts.input_dropout,
-                          members=opts.members)
+                          hidden=opts.hidden, dropout=opts.dropout, input_dropout=opts.input_dropout)
     x, y = _stack(recs, lookahead_frames)
     if len(x) < 100:
         raise MouthHeadError(f"only {len(x)} frames with a face to learn from: prepare more recordings")

@@ -110,7 +110,6 @@ class TrainOptions:
     au_classifier: Path | None = None  # pretrain-au-classifier checkpoint
     vgg_weights: Path | None = None  # None with cfg.w_per == 0 (--no-vgg)
     augment_speech: bool = False  # training split only (training/augment.py)
-    noise_floor: float = 0.0  # with augment_speech: p of an absolute -75..-40 dBFS noise floor per clip
     vtlp: float = 0.0  # with augment_speech: p of a vocal tract length perturbation per clip
     quiet_items: float = 0.0  # p of a training item of noise or silence with the photo's mouth as target
     init: Path | None = None  # start the generator from this checkpoint's weights (fresh optimizer)
@@ -443,7 +442,7 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
     seed_everything(loop.seed)
     r = cfg.lookahead_frames
     train_set = ClipDataset(opts.data, "train", context=r, clip_len=opts.clip_len,
-                            augment=SpeechAugment(p_floor=opts.noise_floor, p_vtlp=opts.vtlp)
+                            augment=SpeechAugment(p_vtlp=opts.vtlp)
                             if opts.augment_speech else None, quiet=opts.quiet_items)
     val_set = ClipDataset(opts.data, "test", context=r, clip_len=opts.clip_len) if _has_val(opts.data) else None
     model, clf, groups, w_au = _train_parts(cfg, opts, info)
@@ -487,7 +486,7 @@ def train(cfg: ModelConfig, opts: TrainOptions, loop: LoopOptions, info: DistInf
         modules["au_classifier"] = clf
     extra = {"lr": opts.lr, "lr_audio2au": opts.lr_audio2au, "lr_au_classifier": opts.lr_au_classifier,
              "w_au_effective": w_au, "clip_len": opts.clip_len, "data": str(opts.data),
-             "augment_speech": opts.augment_speech, "noise_floor": opts.noise_floor, "vtlp": opts.vtlp, "quiet_items": opts.quiet_items, "init": str(opts.init) if opts.init else None,
+             "augment_speech": opts.augment_speech, "vtlp": opts.vtlp, "quiet_items": opts.quiet_items, "init": str(opts.init) if opts.init else None,
              "audio2au": str(opts.audio2au) if opts.audio2au else None,
              "au_classifier": str(opts.au_classifier) if opts.au_classifier else None}
     task = Task("train", cfg, train_set, val_set, opt, modules, step, validate, images, extra)
