@@ -270,7 +270,8 @@ def _write_faceless_video(path: Path, n: int = 10) -> None:
 def test_prepare_skips_corrupt_and_faceless_clips(tmp_path):
     src = tmp_path / "src"
     (src / "s1").mkdir(parents=True)
-    (src / "s1" / "broken.mpg").write_bytes(os.urandom(5000))
+    # Fixed garbage: some random byte strings probe as a container without streams.
+    (src / "s1" / "broken.mpg").write_bytes(np.random.default_rng(0).bytes(5000))
     _write_faceless_video(src / "s1" / "noface.mpg")
     with pytest.raises(ShardError, match="no clip"):
         prepare("grid", src, tmp_path / "out", progress=False)
