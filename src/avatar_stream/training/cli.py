@@ -52,7 +52,8 @@ def _loop_args(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints + validation")
-    g.add_argument("--image-every", type=int, default=500, help="steps between TensorBoard image grids")
+    g.add_argument("--image-every", type=int, default=500,
+                   help="steps between TensorBoard image grids (train only: the pretraining stages draw none)")
     g.add_argument("--val-batches", type=int, default=16, help="validation batches per checkpoint")
     g.add_argument("--lr-schedule", default="constant", metavar="{constant,cosine}",
                    help="'constant' (default) or 'cosine': each learning rate decays to 0 along half a cosine "
