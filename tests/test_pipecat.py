@@ -156,11 +156,11 @@ def test_speech_becomes_paced_video_with_the_same_audio_in_order(engine, face, s
     st = svc.stats
     assert st.segments == 1 and st.interruptions == 0
     lead_s = svc.live.lead_ticks / tb.FPS
-    assert len(st.first_latency_s) == 1
-    assert lead_s - 2 / tb.FPS <= st.first_latency_s[0] < lead_s + 0.15  # ticks catch up when late
+    assert len(st.onset_latency_s) == 1
+    assert lead_s - 2 / tb.FPS <= st.onset_latency_s[0] < lead_s + 0.15  # ticks catch up when late
     ttfb = [d.value for f in down if isinstance(f, MetricsFrame) for d in f.data
             if isinstance(d, TTFBMetricsData) and d.processor == svc.name]
-    assert ttfb == [0.0, pytest.approx(st.first_latency_s[0], abs=0.01)]  # Pipecat's initial empty one first
+    assert ttfb == [0.0, pytest.approx(st.onset_latency_s[0], abs=0.01)]  # Pipecat's initial empty one first
 
 
 def test_interruption_stops_the_speech_and_goes_downstream(engine, face, speech):

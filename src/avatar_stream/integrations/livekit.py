@@ -38,13 +38,11 @@ the wall clock, so it cannot race ahead of playback whoever drives it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +64,7 @@ from livekit.agents.voice.avatar import (
 from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.live import LiveAvatar, LiveFrame
 from avatar_stream.engine.stream import Engine, FaceContext
+from avatar_stream.integrations.stats import AvatarStats
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -77,45 +76,6 @@ TICK_S = 1.0 / FPS
 # The name avatar workers register under for LiveKit's explicit agent dispatch.
 DEFAULT_AGENT_NAME = "avatar-stream"
 DEFAULT_AUDIO_RATE = 24000  # what most TTS engines produce; LiveKit resamples others
-
-
-@dataclass
-class AvatarStats:
-    """What the generator did. ``latency_s``: for each tick that carried speech, the time
-    from the arrival (``push_audio``) of its first sample to its frame leaving the generator,
-    i.e. the queue wait plus ``lead_ticks`` ticks of model lookahead plus compute. Playback
-    adds the ``AVSynchronizer``'s queue (about 100 ms) and the network on top."""
-
-    lead_ticks: int = 0
-    frames: int = 0  # ticks emitted (one VideoFrame each)
-    speaking_frames: int = 0  # ticks that carried pushed speech (an AudioFrame went out)
-    rendered: int = 0
-    skipped: int = 0  # ticks whose picture was not drawn (behind real time: last image again)
-    stalls: int = 0  # times the generator fell far behind and re-anchored its clock
-    segments: int = 0  # AudioSegmentEnd emitted
-    interruptions: int = 0  # clear_buffer calls that cut speech off
-    step_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
-    latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
-    # The first tick of each stretch of speech: what a listener waits for the avatar to
-    # start talking (lead ticks plus compute; text-to-speech that pushes a sentence at once
-    # makes the later ticks of ``latency_s`` include the sentence's own queue).
-    onset_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
-
-    def summary(self) -> dict[str, Any]:
-        """Counts plus p50 / p95 / max of the step time and the latency, in milliseconds."""
-
-        def ms(values: collections.deque) -> dict[str, float | None]:
-            if not values:
-                return {"p50": None, "p95": None, "max": None}
-            a = np.asarray(values, np.float64) * 1e3
-            return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-                    "max": float(a.max())}
-
-        return {"frames": self.frames, "speaking_frames": self.speaking_frames, "rendered": self.rendered,
-                "skipped": self.skipped, "stalls": self.stalls, "segments": self.segments,
-                "interruptions": self.interruptions, "lead_ticks": self.lead_ticks,
-                "lead_ms": self.lead_ticks * TICK_S * 1e3, "step_ms": ms(self.step_s),
-                "latency_ms": ms(self.latency_s), "onset_latency_ms": ms(self.onset_latency_s)}
 
 
 def _video_frame(image: np.ndarray) -> rtc.VideoFrame:

@@ -42,7 +42,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from avatar_stream.engine import timebase as tb
 from avatar_stream.engine.audio import AudioError, StreamResampler
 from avatar_stream.engine.live import LiveAvatar, LiveFrame
 from avatar_stream.engine.stream import Engine, FaceContext
+from avatar_stream.integrations.stats import AvatarStats
 
 FPS = tb.FPS
 TICK_S = 1.0 / FPS
@@ -78,43 +79,6 @@ SKIP_AFTER_S = TICK_S
 # Behind by more than this, the transport has already run dry: catching up would only queue
 # the gap as extra latency, so the clock re-anchors (with ``ahead_ticks`` again) instead.
 STALL_RESET_S = 3 * TICK_S
-
-
-@dataclass
-class AvatarStats:
-    """What the service did. ``latency_s``: for each tick that carried speech, the time from
-    the arrival of its first sample to its frame being pushed (the queue wait, plus
-    ``lead_ticks`` ticks of model lookahead, plus compute); ``first_latency_s``: the same for
-    the first tick of each utterance, where the queue was empty. The transport adds its
-    cushion (``ahead_ticks`` ticks) and its own buffering on top."""
-
-    lead_ticks: int = 0
-    frames: int = 0  # ticks pushed (one image and its audio each)
-    speaking_frames: int = 0  # ticks that carried speech
-    rendered: int = 0
-    skipped: int = 0  # ticks whose picture was not drawn (behind the clock: last image again)
-    stalls: int = 0  # times the clock fell far behind and re-anchored
-    segments: int = 0  # utterances whose last sample has left
-    interruptions: int = 0  # InterruptionFrames that cut speech off
-    step_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
-    latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
-    first_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
-
-    def summary(self) -> dict[str, Any]:
-        """Counts plus p50 / p95 / max of the step time and the latencies, in milliseconds."""
-
-        def ms(values: collections.deque) -> dict[str, float | None]:
-            if not values:
-                return {"p50": None, "p95": None, "max": None}
-            a = np.asarray(values, np.float64) * 1e3
-            return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-                    "max": float(a.max())}
-
-        return {"frames": self.frames, "speaking_frames": self.speaking_frames, "rendered": self.rendered,
-                "skipped": self.skipped, "stalls": self.stalls, "segments": self.segments,
-                "interruptions": self.interruptions, "lead_ticks": self.lead_ticks,
-                "lead_ms": self.lead_ticks * TICK_S * 1e3, "step_ms": ms(self.step_s),
-                "latency_ms": ms(self.latency_s), "first_latency_ms": ms(self.first_latency_s)}
 
 
 @dataclass
@@ -450,7 +414,7 @@ class AvatarStreamVideoService(AIService):
             st.speaking_frames += 1
             st.latency_s.append(latency)
             if not self._was_speaking:
-                st.first_latency_s.append(latency)
+                st.onset_latency_s.append(latency)
                 end = time.time()
                 await self.start_ttfb_metrics(start_time=end - latency)
                 await self.stop_ttfb_metrics(end_time=end)
